@@ -1,0 +1,1 @@
+"""The distributed machinery, independent of any one model: communication, process groups, parallel layers."""
