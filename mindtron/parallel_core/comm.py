@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
+from mindspore.common import dtype as mstype
 
 __all__ = [
     "ProcessGroup", "Capabilities", "capabilities", "init_distributed", "is_distributed",
@@ -107,8 +108,13 @@ _primitives: dict = {}  # (kind, group name, extra) -> MindSpore primitive
 
 
 def is_distributed() -> bool:
-    """True when this process was started by a launcher (msrun) as one of several workers."""
-    return os.environ.get("MS_ROLE") == "MS_WORKER" and int(os.environ.get("MS_WORKER_NUM", "1")) > 1
+    """True when msrun started this process as a worker or as the scheduler of a multi-worker job.
+
+    msrun runs the same script as the scheduler (MS_ROLE=MS_SCHED); its `init()` serves the cluster and
+    exits the process when the job ends, so it must not carry on as a world of one.
+    """
+    role = os.environ.get("MS_ROLE")
+    return role in ("MS_WORKER", "MS_SCHED") and int(os.environ.get("MS_WORKER_NUM", "1")) > 1
 
 
 def init_distributed() -> None:
@@ -203,8 +209,15 @@ def _primitive(kind: str, group: ProcessGroup, *extra):
     return prim
 
 
+_REDUCIBLE = (mstype.float32, mstype.float16)
+
+
 def _sum(x: Tensor, group: ProcessGroup) -> Tensor:
-    return _primitive("all_reduce", group, "sum")(x)
+    # The CPU AllReduce kernel takes float32/float16 only; integer and bool payloads (token counts, split
+    # sizes, indices) travel as float32, which is exact below 2**24.
+    if x.dtype in _REDUCIBLE:
+        return _primitive("all_reduce", group, "sum")(x)
+    return _primitive("all_reduce", group, "sum")(x.astype(mstype.float32)).astype(x.dtype)
 
 
 def _slot_buffer(x: Tensor, index: int, slots: int) -> Tensor:
@@ -245,6 +258,8 @@ def all_reduce(x: Tensor, group: Optional[ProcessGroup] = None, op: str = "sum")
     group = _resolve(group)
     if group.size == 1:
         return x
+    if op == "sum":
+        return _sum(x, group)
     if op in capabilities().all_reduce_ops:
         return _primitive("all_reduce", group, op)(x)
     gathered = _gather_stacked(x, group)  # [n, *shape]
@@ -262,21 +277,21 @@ def _gather_stacked(x: Tensor, group: ProcessGroup) -> Tensor:
 def all_gather(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0) -> Tensor:
     """Concatenate every rank's `x` (all of the same shape) along `dim`, in group order."""
     group = _resolve(group)
+    dim = _check_dim(x, dim, "all_gather")
     if group.size == 1:
         return x
-    dim = _check_dim(x, dim, "all_gather")
     return _merge_leading_axis(_gather_stacked(x, group), dim)
 
 
 def reduce_scatter(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0) -> Tensor:
     """Sum `x` over the group and give rank i the i-th of `group.size` equal chunks along `dim`."""
     group = _resolve(group)
-    if group.size == 1:
-        return x
     dim = _check_dim(x, dim, "reduce_scatter")
     if x.shape[dim] % group.size:
         raise ValueError(f"reduce_scatter: size {x.shape[dim]} of dim {dim} is not divisible by the "
                          f"group size {group.size}")
+    if group.size == 1:
+        return x
     if capabilities().reduce_scatter:
         if dim == 0:
             return _primitive("reduce_scatter", group)(x)
@@ -342,7 +357,7 @@ def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None,
     if n == 1:
         return x
     # Every rank's send sizes, so that all ranks agree on the buffer layout: [src, dst] -> rows.
-    splits = _sum(_slot_buffer(Tensor(np.array(send, np.int32)), group.rank, n), group).asnumpy()
+    splits = _sum(_slot_buffer(Tensor(np.array(send, np.float32)), group.rank, n), group).asnumpy()
     if [int(v) for v in splits[:, group.rank]] != recv:
         raise ValueError(f"all_to_all: output_split_sizes {recv} on rank {get_rank()} disagree with what "
                          f"the other ranks send ({splits[:, group.rank].tolist()})")

@@ -1,0 +1,35 @@
+"""Shared fixtures: one msrun launch per world size runs every foundation check (launches are slow on CPU)."""
+import pytest
+
+from multiproc import run_on_ranks
+
+FOUNDATION = "tests/workers/foundation_checks.py:main"
+
+
+@pytest.fixture(scope="session")
+def foundation_2():
+    """Per-rank results of tests/workers/foundation_checks.py on 2 ranks."""
+    return run_on_ranks(2, FOUNDATION, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def foundation_4():
+    """Per-rank results of tests/workers/foundation_checks.py on 4 ranks."""
+    return run_on_ranks(4, FOUNDATION, timeout=900)
+
+
+def worst_errors(per_rank: list, section: str) -> dict:
+    """check name -> largest relative error over all ranks."""
+    worst: dict = {}
+    for result in per_rank:
+        for name, err in result[section].items():
+            worst[name] = max(err, worst.get(name, 0.0))
+    return worst
+
+
+def assert_all_close(errors: dict, tol: float, required: list, tol_for=lambda name: None) -> None:
+    """Every check within `tol` (or `tol_for(name)` where that is set), and every `required` check present."""
+    missing = [name for name in required if name not in errors]
+    assert not missing, f"checks that did not run: {missing}"
+    bad = {n: e for n, e in errors.items() if not e <= (tol_for(n) or tol)}
+    assert not bad, f"checks outside tolerance {tol}: {bad}"
