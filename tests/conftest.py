@@ -33,3 +33,9 @@ def assert_all_close(errors: dict, tol: float, required: list, tol_for=lambda na
     assert not missing, f"checks that did not run: {missing}"
     bad = {n: e for n, e in errors.items() if not e <= (tol_for(n) or tol)}
     assert not bad, f"checks outside tolerance {tol}: {bad}"
+
+
+@pytest.fixture(scope="session")
+def model_checks_2():
+    """Per-rank results of tests/workers/model_checks.py on 2 ranks."""
+    return run_on_ranks(2, "tests/workers/model_checks.py:main", timeout=600)

@@ -108,15 +108,23 @@ def full_initial_value(spec: ShardSpec, seed: int, name: str) -> np.ndarray:
     return np.asarray(spec.init_method(parameter_rng(seed, name), spec.full_shape), dtype=np.float32)
 
 
-def initialize_parameters(cell: nn.Cell, seed: int, prefix: str = "") -> None:
+def initialize_parameters(cell: nn.Cell, seed: Optional[int] = None, prefix: str = "",
+                          rename: Optional[Callable[[str], str]] = None) -> None:
     """Fill every parameter of `cell` that carries a ShardSpec from (seed, its name), sharded for this rank.
 
     Names are the cell's own parameter paths (`prefix` prepended), so initialise from the model's root for
-    the names to be the checkpoint names.
+    the names to be the checkpoint names. `rename` maps a local name to the layout-independent one (a
+    pipeline stage's `layers.0` is global layer 4, say). `seed` defaults to the one given to
+    model_parallel_seed().
     """
+    if seed is None:
+        from mindtron.parallel_core.tensor_parallel.random import initial_seed
+
+        seed = initial_seed()
     for name, param in cell.parameters_and_names():
         spec = getattr(param, "shard_spec", None)
         if spec is None:
             continue
-        full = full_initial_value(spec, seed, prefix + name)
+        name = prefix + name
+        full = full_initial_value(spec, seed, rename(name) if rename else name)
         param.set_data(Tensor(spec.shard(full), param.dtype))

@@ -39,14 +39,34 @@ def _parallel_parameter(full_shape, partition_dim, stride, group, init_method, d
     return param
 
 
-class _Matmul(nn.Cell):
-    """x [..., in] @ weight[out, in]^T -> [..., out]; 2-D MatMul with a transposed weight is fastest on CPU."""
+def replicated_parameter(full_shape, init_method: InitMethod, dtype=ms.float32,
+                         sequence_parallel: bool = False) -> Parameter:
+    """A parameter every tensor-parallel rank holds whole (norm weights, position embeddings).
 
-    def __init__(self):
+    `sequence_parallel=True` marks one that sees only this rank's sequence chunk, whose gradient must be
+    summed over the tensor-parallel group.
+    """
+    spec = ShardSpec(tuple(full_shape), None, 1, 1, 0, init_method)
+    param = make_parameter(spec, dtype)
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = False, -1, 1
+    param.sequence_parallel = sequence_parallel
+    return param
+
+
+class _Matmul(nn.Cell):
+    """x [..., in] @ weight[out, in]^T -> [..., out]; 2-D MatMul with a transposed weight is fastest on CPU.
+
+    With a `compute_dtype`, input and weight are cast to it first (parameters stay in their own dtype).
+    """
+
+    def __init__(self, compute_dtype=None):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
+        self.compute_dtype = compute_dtype
 
     def construct(self, x, weight):
+        if self.compute_dtype is not None:
+            x, weight = x.astype(self.compute_dtype), weight.astype(self.compute_dtype)
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, x.shape[-1]), weight)
         return y.reshape(lead + (weight.shape[0],))
@@ -60,12 +80,13 @@ class ColumnParallelLinear(nn.Cell):
     Returns (output, bias) where bias is None unless `skip_bias_add` (the caller then fuses the add).
     `stride` > 1 keeps interleaved pieces together per shard (SwiGLU's [gate; up]).
     `construct(x, weight)` accepts an external weight (the tied output layer passes the embedding's).
+    `compute_dtype` (e.g. float16) casts input and weight for the matmul; None computes in the input's dtype.
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
                  init_method: Optional[InitMethod] = None, stride: int = 1, skip_bias_add: bool = False,
                  sequence_parallel: bool = False, skip_weight_param_allocation: bool = False,
-                 params_dtype=ms.float32, tp_group: Optional[ProcessGroup] = None):
+                 params_dtype=ms.float32, compute_dtype=None, tp_group: Optional[ProcessGroup] = None):
         super().__init__()
         self.group = _tp_group(tp_group)
         if sequence_parallel and gather_output:
@@ -81,7 +102,7 @@ class ColumnParallelLinear(nn.Cell):
             (output_size, input_size), 0, stride, self.group, init_method, params_dtype)
         self.bias = _parallel_parameter((output_size,), 0, stride, self.group, constant_init_method(0.0),
                                         params_dtype) if bias else None
-        self.matmul = _Matmul()
+        self.matmul = _Matmul(compute_dtype)
 
     def construct(self, x: Tensor, weight: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         if weight is None:
@@ -98,7 +119,7 @@ class ColumnParallelLinear(nn.Cell):
             x = mappings.copy_to_tensor_model_parallel_region(x, self.group)
         y = self.matmul(x, weight)
         if self.bias is not None and not self.skip_bias_add:
-            y = y + self.bias
+            y = y + self.bias.astype(y.dtype)
         if self.gather_output:
             y = mappings.gather_from_tensor_model_parallel_region(y, self.group)
         return y, (self.bias if self.skip_bias_add else None)
@@ -114,7 +135,7 @@ class RowParallelLinear(nn.Cell):
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = True,
                  init_method: Optional[InitMethod] = None, stride: int = 1, skip_bias_add: bool = False,
-                 sequence_parallel: bool = False, params_dtype=ms.float32,
+                 sequence_parallel: bool = False, params_dtype=ms.float32, compute_dtype=None,
                  tp_group: Optional[ProcessGroup] = None):
         super().__init__()
         self.group = _tp_group(tp_group)
@@ -131,7 +152,7 @@ class RowParallelLinear(nn.Cell):
                                           params_dtype)
         self.bias = _parallel_parameter((output_size,), None, 1, self.group, constant_init_method(0.0),
                                         params_dtype, sequence_parallel=sequence_parallel) if bias else None
-        self.matmul = _Matmul()
+        self.matmul = _Matmul(compute_dtype)
 
     def construct(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         if not self.input_is_parallel:
@@ -142,7 +163,7 @@ class RowParallelLinear(nn.Cell):
         else:
             y = mappings.reduce_from_tensor_model_parallel_region(partial, self.group)
         if self.bias is not None and not self.skip_bias_add:
-            y = y + self.bias
+            y = y + self.bias.astype(y.dtype)
         return y, (self.bias if self.skip_bias_add else None)
 
 

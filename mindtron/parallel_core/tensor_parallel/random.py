@@ -74,6 +74,12 @@ class RNGStatesTracker:
 
 
 _TRACKER = RNGStatesTracker()
+_SEED = {"global": 1234}  # Megatron's --seed default until model_parallel_seed() is called
+
+
+def initial_seed() -> int:
+    """The global seed of the last model_parallel_seed() call (parameter initialisation draws from it)."""
+    return _SEED["global"]
 
 
 def get_rng_tracker() -> RNGStatesTracker:
@@ -94,6 +100,7 @@ def model_parallel_seed(seed: int, tp_rank: Optional[int] = None, ep_rank: Optio
     if ep_rank is None:
         ep_rank = ps.get_expert_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     offset = seed + 2718
+    _SEED["global"] = int(seed)
     ms.set_seed(seed)
     np.random.seed(seed)
     _TRACKER.reset()

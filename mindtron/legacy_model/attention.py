@@ -1,0 +1,168 @@
+"""Self-attention with Megatron's fused QKV layout, grouped-query attention and tensor parallelism.
+
+Shapes: s sequence, b batch, h hidden, np query heads, ng key/value groups, hn head width, all per
+tensor-parallel rank where marked `_l` (np_l = np / tp, ng_l = ng / tp).
+
+The fused `query_key_value` weight [(np + 2 ng) hn, h] holds, for each key/value group, that group's
+np/ng query heads, then its key head, then its value head. Splitting its rows over tp therefore hands
+each rank whole groups, which is why ng must be divisible by tp.
+
+Attention masks are boolean [b or 1, 1, s, s] with True where a query may NOT attend (Megatron's
+convention); masked scores are set to -10000 as Megatron's legacy softmax does.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mindtron.legacy_model.fused import use_fused
+from mindtron.legacy_model.rotary import apply_rotary_pos_emb
+from mindtron.parallel_core import parallel_state as ps
+from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.tensor_parallel.utils import divide
+
+MASKED_SCORE = -10000.0
+
+
+class AttnMaskType(enum.Enum):
+    """What the attention mask argument means (Megatron's enum)."""
+
+    padding = 1
+    causal = 2
+    no_mask = 3
+    padding_causal = 4
+
+
+_causal_cache: dict = {}
+
+
+def causal_mask(seq_length: int) -> Tensor:
+    """[1, 1, s, s] boolean mask, True above the diagonal (the future)."""
+    mask = _causal_cache.get(seq_length)
+    if mask is None:
+        mask = _causal_cache[seq_length] = Tensor(np.triu(np.ones((seq_length, seq_length), np.bool_), 1)
+                                                  [None, None])
+    return mask
+
+
+class CoreAttention(nn.Cell):
+    """softmax(q k^T / sqrt(hn) + mask) v per head, with attention dropout from the model-parallel RNG."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
+        super().__init__()
+        self.attn_mask_type = attn_mask_type
+        self.softmax_in_fp32 = config.attention_softmax_in_fp32
+        self.dropout_p = config.attention_dropout_rate
+        # Megatron's query-key layer scaling divides the scores by the layer number before the softmax
+        # and multiplies them back inside it (in fp32); in exact arithmetic it changes nothing.
+        self.coeff = float(max(1, layer_number)) if config.apply_query_key_layer_scaling else None
+        self.norm_factor = math.sqrt(config.kv_channels) * (self.coeff or 1.0)
+        self.batch_matmul = ops.BatchMatMul()
+        self.batch_matmul_t = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        # query/key/value: [s, b, np_l, hn] (key/value already expanded to np_l heads)
+        s, b, n, hn = query.shape
+        q = ops.transpose(query, (1, 2, 0, 3))  # [b, np_l, s, hn]
+        k = ops.transpose(key, (1, 2, 0, 3))
+        v = ops.transpose(value, (1, 2, 0, 3))
+        scores = self.batch_matmul_t(q, k) * (1.0 / self.norm_factor)  # [b, np_l, s, s]
+        if self.softmax_in_fp32:
+            scores = scores.astype(ms.float32)
+        if self.coeff is not None:
+            scores = scores * self.coeff
+        mask = attention_mask
+        if mask is None and self.attn_mask_type == AttnMaskType.causal:
+            mask = causal_mask(s)
+        if mask is not None and self.attn_mask_type != AttnMaskType.no_mask:
+            scores = ops.masked_fill(scores, mask, Tensor(MASKED_SCORE, scores.dtype))
+        probs = ops.softmax(scores, -1).astype(value.dtype)
+        if self.training and self.dropout_p > 0.0:
+            with tp.get_rng_tracker().fork():  # heads are split over tp: each rank drops its own
+                probs = tp.dropout(probs, self.dropout_p)
+        context = self.batch_matmul(probs, v)  # [b, np_l, s, hn]
+        return ops.transpose(context, (2, 0, 1, 3)).reshape(s, b, n * hn)
+
+
+class FlashAttention(nn.Cell):
+    """MindSpore's fused flash-attention kernel (Ascend), same maths as CoreAttention."""
+
+    def __init__(self, config, num_heads_local: int):
+        super().__init__()
+        self.num_heads = num_heads_local
+        self.scale = 1.0 / math.sqrt(config.kv_channels)
+        self.keep_prob = 1.0 - config.attention_dropout_rate
+        fa = config.fa_config or {}
+        self.pre_tokens = int(fa.get("pre_tokens", 2147483647))
+        self.next_tokens = int(fa.get("next_tokens", 0))
+
+    def construct(self, query, key, value, attention_mask):
+        # SBH layout: query [s, b, np_l hn], key/value [s, b, ng_l hn] (not expanded: GQA in the kernel)
+        s = query.shape[0]
+        mask = causal_mask(s)[0, 0] if attention_mask is None else attention_mask
+        return ops.flash_attention_score(
+            query, key, value, self.num_heads, attn_mask=mask.astype(ms.uint8),
+            keep_prob=self.keep_prob if self.training else 1.0, scalar_value=self.scale,
+            pre_tokens=self.pre_tokens, next_tokens=self.next_tokens, input_layout="SBH")
+
+
+class ParallelAttention(nn.Cell):
+    """Megatron's legacy self-attention: query_key_value (column parallel) -> core attention -> dense
+    (row parallel). Input and output [s, b, h], or [s/tp, b, h] under sequence parallelism."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
+        super().__init__()
+        tp_size = ps.get_tensor_model_parallel_world_size()
+        hn = config.kv_channels
+        self.heads_l = divide(config.num_attention_heads, tp_size, "--num-attention-heads over tp")
+        self.groups_l = divide(config.num_query_groups, tp_size, "--num-query-groups over tp")
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.hn = hn
+        self.fused_rope = config.apply_rope_fusion
+        compute = config.dtype("compute_dtype")
+        params = config.dtype("params_dtype")
+        std = config.init_method_std
+        self.query_key_value = tp.ColumnParallelLinear(
+            config.hidden_size, (config.num_attention_heads + 2 * config.num_query_groups) * hn,
+            bias=config.qkv_has_bias, gather_output=False, init_method=tp.init_method_normal(std),
+            sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
+        self.use_flash = use_fused("flash_attention", config.use_flash_attention)
+        self.core_attention = (FlashAttention(config, self.heads_l) if self.use_flash
+                               else CoreAttention(config, layer_number, attn_mask_type))
+        self.dense = tp.RowParallelLinear(
+            config.num_attention_heads * hn, config.hidden_size, bias=config.out_proj_has_bias,
+            input_is_parallel=True, init_method=tp.scaled_init_method_normal(std, config.num_layers),
+            sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
+
+    def _expand_groups(self, x: Tensor) -> Tensor:
+        """[s, b, ng_l, hn] -> [s, b, np_l, hn]: each group's head repeated for its query heads."""
+        if self.heads_per_group == 1:
+            return x
+        s, b, g, hn = x.shape
+        x = ops.broadcast_to(ops.expand_dims(x, 3), (s, b, g, self.heads_per_group, hn))
+        return x.reshape(s, b, g * self.heads_per_group, hn)
+
+    def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
+                  rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
+        mixed, _ = self.query_key_value(hidden_states)  # [s, b, ng_l (np/ng + 2) hn]
+        s, b = mixed.shape[0], mixed.shape[1]
+        mixed = mixed.reshape(s, b, self.groups_l, (self.heads_per_group + 2) * self.hn)
+        q_width = self.heads_per_group * self.hn
+        query, key, value = ops.split(mixed, [q_width, self.hn, self.hn], -1)
+        query = query.reshape(s, b, self.heads_l, self.hn)  # [s, b, np_l, hn]
+        if rotary_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, rotary_pos_emb, self.fused_rope)
+            key = apply_rotary_pos_emb(key, rotary_pos_emb, self.fused_rope)
+        if self.use_flash:
+            context = self.core_attention(query.reshape(s, b, -1), key.reshape(s, b, -1),
+                                          value.reshape(s, b, -1), attention_mask)
+        else:
+            context = self.core_attention(query, self._expand_groups(key), self._expand_groups(value),
+                                          attention_mask)  # [s, b, np_l hn]
+        output, _ = self.dense(context)
+        return output

@@ -1,0 +1,64 @@
+"""The feed-forward block: dense_h_to_4h (column parallel) -> activation -> dense_4h_to_h (row parallel).
+
+With SwiGLU, dense_h_to_4h is [gate; up] of width 2 ffn, and each tensor-parallel shard holds its own
+[gate_r; up_r] (stride 2), so the activation runs on the local shard without communication.
+"""
+from __future__ import annotations
+
+from mindspore import Tensor, mint, nn, ops
+
+from mindtron.legacy_model.fused import use_fused
+from mindtron.parallel_core import tensor_parallel as tp
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GeLU's tanh approximation with the constants of Megatron's fused bias-GeLU."""
+    return x * 0.5 * (1.0 + mint.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+def swiglu(x: Tensor) -> Tensor:
+    """silu(gate) * up for x = [gate, up] along the last dimension."""
+    gate, up = ops.chunk(x, 2, -1)
+    return ops.silu(gate) * up
+
+
+def activation_function(config):
+    """The activation `config.hidden_act` names (Megatron's bias-GeLU fusion uses the tanh form)."""
+    act = config.hidden_act
+    if act == "gelu":
+        if config.bias_gelu_fusion and config.add_bias_linear:
+            return gelu_tanh
+        return lambda x: ops.gelu(x, approximate="none")
+    if act == "gelu_tanh":
+        return gelu_tanh
+    if act == "swiglu":
+        if use_fused("swiglu", config.apply_swiglu_fusion):
+            return lambda x: ops.swiglu(x, -1)
+        return swiglu
+    if act == "squared_relu":
+        return lambda x: ops.square(ops.relu(x))
+    return ops.silu  # "silu"; the config rejects anything else
+
+
+class ParallelMLP(nn.Cell):
+    """h -> ffn -> h. Input and output [s, b, h], or [s/tp, b, h] under sequence parallelism."""
+
+    def __init__(self, config):
+        super().__init__()
+        width = config.ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+        compute, params = config.dtype("compute_dtype"), config.dtype("params_dtype")
+        self.dense_h_to_4h = tp.ColumnParallelLinear(
+            config.hidden_size, width, bias=config.add_bias_linear, gather_output=False,
+            init_method=tp.init_method_normal(config.init_method_std),
+            stride=2 if config.gated_linear_unit else 1, sequence_parallel=config.sequence_parallel,
+            params_dtype=params, compute_dtype=compute)
+        self.activation = activation_function(config)
+        self.dense_4h_to_h = tp.RowParallelLinear(
+            config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
+            init_method=tp.scaled_init_method_normal(config.init_method_std, config.num_layers),
+            sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
+
+    def construct(self, hidden_states: Tensor) -> Tensor:
+        intermediate, _ = self.dense_h_to_4h(hidden_states)  # [s, b, ffn_l] (x2 for SwiGLU)
+        output, _ = self.dense_4h_to_h(self.activation(intermediate))
+        return output

@@ -1,0 +1,153 @@
+"""Transformer layers and the stack of them that one pipeline stage (or model chunk) holds.
+
+A layer is pre-norm: x + dropout(attn(norm(x))), then x + dropout(mlp(norm(x))); with sandwich norm each
+sub-layer's output is normalised again before its residual add. The stack holds the layers of this stage
+(numbered globally from 1, as Megatron's layer_number) and, on the last stage, the final norm.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Tuple
+
+from mindspore import Tensor, nn
+
+from mindtron.legacy_model.attention import AttnMaskType, ParallelAttention
+from mindtron.legacy_model.mlp import ParallelMLP
+from mindtron.legacy_model.norms import build_norm
+from mindtron.parallel_core import parallel_state as ps
+from mindtron.parallel_core import tensor_parallel as tp
+
+
+def stage_layer_range(num_layers: int, pipeline_size: int = 1, pipeline_rank: int = 0,
+                      virtual_size: Optional[int] = None, virtual_rank: Optional[int] = None,
+                      num_layer_list: Optional[Sequence] = None) -> Tuple[int, int]:
+    """(first global layer index, number of layers) held by one pipeline stage / model chunk.
+
+    Model order with virtual stages is chunk 0 of stages 0..p-1, then chunk 1 of stages 0..p-1, ... An
+    uneven `num_layer_list` gives per-stage counts ([n0, n1, ...]) or, with virtual stages, one such list
+    per chunk ([[chunk0: n0, n1, ...], [chunk1: ...], ...]).
+    """
+    chunks = virtual_size or 1
+    chunk = virtual_rank or 0
+    if num_layer_list is None:
+        per_piece, rest = divmod(num_layers, pipeline_size * chunks)
+        if rest:
+            raise ValueError(
+                f"--num-layers {num_layers} cannot be split evenly over {pipeline_size} pipeline stages x "
+                f"{chunks} virtual stages; change --num-layers, --pipeline-model-parallel-size or "
+                f"--num-layers-per-virtual-pipeline-stage, or give --num-layer-list")
+        counts = [[per_piece] * pipeline_size for _ in range(chunks)]
+    else:
+        nested = [list(c) for c in num_layer_list] if isinstance(num_layer_list[0], (list, tuple)) \
+            else [list(num_layer_list)]
+        if len(nested) != chunks or any(len(c) != pipeline_size for c in nested):
+            raise ValueError(f"--num-layer-list {list(num_layer_list)} must have {pipeline_size} entries (one per "
+                             f"pipeline stage)" + (f" in each of {chunks} lists (one per virtual stage)"
+                                                   if chunks > 1 else ""))
+        if sum(map(sum, nested)) != num_layers or min(map(min, nested)) < 0:
+            raise ValueError(f"--num-layer-list {list(num_layer_list)} must be non-negative counts summing to "
+                             f"--num-layers {num_layers}")
+        counts = nested
+    offset = sum(map(sum, counts[:chunk])) + sum(counts[chunk][:pipeline_rank])
+    return offset, counts[chunk][pipeline_rank]
+
+
+def local_layer_range(config) -> Tuple[int, int]:
+    """This rank's (first global layer, count) from parallel_state's pipeline and virtual ranks."""
+    return stage_layer_range(
+        config.num_layers, ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
+        ps.get_virtual_pipeline_model_parallel_world_size(), ps.get_virtual_pipeline_model_parallel_rank(),
+        config.num_layer_list)
+
+
+class ParallelTransformerLayer(nn.Cell):
+    """One pre-norm transformer layer; `layer_number` counts from 1 over the whole model."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
+        super().__init__()
+        self.layer_number = layer_number
+        sp = config.sequence_parallel
+        self.hidden_dropout = config.hidden_dropout_rate
+        self.input_norm = build_norm(config, sp)
+        self.self_attention = ParallelAttention(config, layer_number, attn_mask_type)
+        self.post_attention_norm = build_norm(config, sp)
+        self.mlp = ParallelMLP(config)
+        self.use_sandwich_norm = config.use_sandwich_norm
+        if self.use_sandwich_norm:
+            self.attn_post_norm = build_norm(config, sp, init_value=config.attn_post_norm_scale)
+            self.ffn_post_norm = build_norm(config, sp, init_value=config.ffn_post_norm_scale)
+
+    def _residual_add(self, residual: Tensor, branch: Tensor) -> Tensor:
+        if self.training and self.hidden_dropout > 0.0:
+            branch = tp.dropout(branch, self.hidden_dropout)
+        return residual + branch.astype(residual.dtype)
+
+    def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
+                  rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
+        # hidden_states: [s, b, h] ([s/tp, b, h] under sequence parallelism)
+        attention_out = self.self_attention(self.input_norm(hidden_states), attention_mask, rotary_pos_emb)
+        if self.use_sandwich_norm:
+            attention_out = self.attn_post_norm(attention_out)
+        hidden_states = self._residual_add(hidden_states, attention_out)
+        mlp_out = self.mlp(self.post_attention_norm(hidden_states))
+        if self.use_sandwich_norm:
+            mlp_out = self.ffn_post_norm(mlp_out)
+        return self._residual_add(hidden_states, mlp_out)
+
+
+class ParallelTransformer(nn.Cell):
+    """This stage's layers (`layers.0` is global layer `offset`), plus the final norm on the last stage.
+
+    On stages other than the first the input comes from `set_input_tensor` (the previous stage's output).
+    """
+
+    def __init__(self, config, layer_offset: int, num_local_layers: int, post_norm: bool = True,
+                 pre_process: bool = True, attn_mask_type: AttnMaskType = AttnMaskType.causal):
+        super().__init__()
+        self.config = config
+        self.layer_offset = layer_offset
+        self.pre_process = pre_process
+        self.sequence_parallel = config.sequence_parallel
+        self.layers = nn.CellList([ParallelTransformerLayer(config, layer_offset + i + 1, attn_mask_type)
+                                   for i in range(num_local_layers)])
+        self.post_norm = post_norm
+        if post_norm:
+            self.final_norm = build_norm(config, config.sequence_parallel)
+        self.input_tensor: Optional[Tensor] = None
+        self._apply_recompute(config)
+
+    def _apply_recompute(self, config) -> None:
+        if config.recompute_granularity is None:
+            return
+        if config.hidden_dropout_rate > 0.0 or config.attention_dropout_rate > 0.0:
+            # MindSpore re-runs the Python forward to recompute, which would draw fresh dropout masks.
+            raise ValueError("--recompute-granularity with dropout is not supported yet (the recompute pass "
+                             "would draw different masks); set --hidden-dropout 0 --attention-dropout 0 or "
+                             "drop --recompute-granularity")
+        for i, layer in enumerate(self.layers):
+            if config.recompute_granularity == "selective":
+                layer.self_attention.core_attention.recompute()
+            elif config.recompute_method == "uniform" or i < config.recompute_num_layers:
+                layer.recompute()
+
+    def global_layer_index(self, local_index: int) -> int:
+        """Global 0-based index of `layers.{local_index}`."""
+        return self.layer_offset + local_index
+
+    def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
+        """The previous pipeline stage's output, used instead of the `hidden_states` argument."""
+        self.input_tensor = input_tensor
+
+    def construct(self, hidden_states: Optional[Tensor], attention_mask: Optional[Tensor],
+                  rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        # Under sequence parallelism each rank's tokens differ, so dropout masks come from the
+        # model-parallel stream (as in Megatron); otherwise every tp rank draws the same mask.
+        rng = tp.get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
+        with rng:
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb)
+        if self.post_norm:
+            hidden_states = self.final_norm(hidden_states)
+        return hidden_states

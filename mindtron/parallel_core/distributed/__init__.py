@@ -1,0 +1,2 @@
+"""Gradient reduction across data-parallel ranks and the gradient fix-ups parallel layouts need."""
+from mindtron.parallel_core.distributed.finalize_grads import allreduce_sequence_parallel_grads

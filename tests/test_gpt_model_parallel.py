@@ -1,0 +1,36 @@
+"""GPTModel under tensor parallelism (with and without sequence parallel) and split into two pipeline stages,
+against the single-process model: logits, loss and every parameter's gradient (fp32, 1e-5 relative)."""
+from conftest import assert_all_close
+
+
+def merged(per_rank):
+    out = {}
+    for result in per_rank:
+        for name, err in result.items():
+            out[name] = max(err, out.get(name, 0.0))
+    return out
+
+
+def test_tensor_and_sequence_parallel_match_single_process(model_checks_2):
+    errors = merged(model_checks_2)
+    required = []
+    for name in ("gpt2", "llama"):
+        for mode in ("tp2", "tp2_sp"):
+            required += [f"{name}/{mode}/loss", f"{name}/{mode}/logits",
+                         f"{name}/{mode}/grad/language_model.embedding.word_embeddings.weight",
+                         f"{name}/{mode}/grad/language_model.encoder.layers.1.self_attention.query_key_value.weight",
+                         f"{name}/{mode}/grad/language_model.encoder.layers.0.mlp.dense_h_to_4h.weight",
+                         f"{name}/{mode}/grad/language_model.encoder.layers.0.input_norm.weight",
+                         f"{name}/{mode}/grad/language_model.encoder.final_norm.weight"]
+    required += ["llama/tp2/grad/language_model.output_layer.weight",
+                 "gpt2/tp2_sp/grad/language_model.encoder.layers.0.mlp.dense_4h_to_h.bias",
+                 "gpt2/tp2/grad/language_model.embedding.position_embeddings.weight"]
+    grads = [n for n in errors if "/grad/" in n]
+    assert len(grads) == 2 * (28 + 15), f"{len(grads)} gradient checks ran, expected every parameter"  # gpt2 28, llama 15
+    assert_all_close({n: e for n, e in errors.items() if "/pp2/" not in n}, 1e-5, required)
+
+
+def test_two_pipeline_stages_give_the_whole_models_loss(model_checks_2):
+    errors = merged(model_checks_2)
+    assert_all_close({n: e for n, e in errors.items() if "/pp2/" in n}, 1e-5,
+                     ["gpt2/pp2/loss", "llama/pp2/loss", "gpt2/pp2/stage_layers", "gpt2/pp2/tied_copy"])
