@@ -108,13 +108,12 @@ _primitives: dict = {}  # (kind, group name, extra) -> MindSpore primitive
 
 
 def is_distributed() -> bool:
-    """True when msrun started this process as a worker or as the scheduler of a multi-worker job.
+    """True when msrun started this process, as a worker or as the scheduler (also for one worker).
 
     msrun runs the same script as the scheduler (MS_ROLE=MS_SCHED); its `init()` serves the cluster and
     exits the process when the job ends, so it must not carry on as a world of one.
     """
-    role = os.environ.get("MS_ROLE")
-    return role in ("MS_WORKER", "MS_SCHED") and int(os.environ.get("MS_WORKER_NUM", "1")) > 1
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
 
 
 def init_distributed() -> None:

@@ -1,0 +1,1 @@
+"""Data for GPT training: datasets, samplers that split the global batch over data-parallel ranks, batches."""
