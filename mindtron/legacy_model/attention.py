@@ -56,6 +56,7 @@ class CoreAttention(nn.Cell):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
         super().__init__()
         self.attn_mask_type = attn_mask_type
+        self.rng_replay = None  # set under selective recompute
         self.softmax_in_fp32 = config.attention_softmax_in_fp32
         self.dropout_p = config.attention_dropout_rate
         # Megatron's query-key layer scaling divides the scores by the layer number before the softmax
@@ -66,6 +67,11 @@ class CoreAttention(nn.Cell):
         self.batch_matmul_t = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        if self.rng_replay is not None:  # selective recompute: replay the forward's dropout masks
+            return self.rng_replay(self._forward, query, key, value, attention_mask)
+        return self._forward(query, key, value, attention_mask)
+
+    def _forward(self, query, key, value, attention_mask):
         # query/key/value: [s, b, np_l, hn] (key/value already expanded to np_l heads)
         s, b, n, hn = query.shape
         q = ops.transpose(query, (1, 2, 0, 3))  # [b, np_l, s, hn]

@@ -66,6 +66,7 @@ class ParallelTransformerLayer(nn.Cell):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
         super().__init__()
         self.layer_number = layer_number
+        self.rng_replay = None  # set when the layer is recomputed
         sp = config.sequence_parallel
         self.hidden_dropout = config.hidden_dropout_rate
         self.input_norm = build_norm(config, sp)
@@ -84,6 +85,11 @@ class ParallelTransformerLayer(nn.Cell):
 
     def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
                   rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
+        if self.rng_replay is not None:  # recomputed: the recompute pass must draw the same masks
+            return self.rng_replay(self._forward, hidden_states, attention_mask, rotary_pos_emb)
+        return self._forward(hidden_states, attention_mask, rotary_pos_emb)
+
+    def _forward(self, hidden_states, attention_mask, rotary_pos_emb):
         # hidden_states: [s, b, h] ([s/tp, b, h] under sequence parallelism)
         attention_out = self.self_attention(self.input_norm(hidden_states), attention_mask, rotary_pos_emb)
         if self.use_sandwich_norm:
@@ -119,16 +125,15 @@ class ParallelTransformer(nn.Cell):
     def _apply_recompute(self, config) -> None:
         if config.recompute_granularity is None:
             return
-        if config.hidden_dropout_rate > 0.0 or config.attention_dropout_rate > 0.0:
-            # MindSpore re-runs the Python forward to recompute, which would draw fresh dropout masks.
-            raise ValueError("--recompute-granularity with dropout is not supported yet (the recompute pass "
-                             "would draw different masks); set --hidden-dropout 0 --attention-dropout 0 or "
-                             "drop --recompute-granularity")
         for i, layer in enumerate(self.layers):
             if config.recompute_granularity == "selective":
-                layer.self_attention.core_attention.recompute()
+                cell = layer.self_attention.core_attention
             elif config.recompute_method == "uniform" or i < config.recompute_num_layers:
-                layer.recompute()
+                cell = layer
+            else:
+                continue
+            cell.recompute()
+            cell.rng_replay = tp.RngReplay()
 
     def global_layer_index(self, local_index: int) -> int:
         """Global 0-based index of `layers.{local_index}`."""
@@ -145,7 +150,7 @@ class ParallelTransformer(nn.Cell):
         # Under sequence parallelism each rank's tokens differ, so dropout masks come from the
         # model-parallel stream (as in Megatron); otherwise every tp rank draws the same mask.
         rng = tp.get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
-        with rng:
+        with rng, tp.forward_pass():
             for layer in self.layers:
                 hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb)
         if self.post_norm:

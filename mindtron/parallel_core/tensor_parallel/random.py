@@ -11,6 +11,7 @@ from named numpy generators whose state can be saved, restored and switched. As 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Dict, Optional
 
@@ -107,6 +108,51 @@ def model_parallel_seed(seed: int, tp_rank: Optional[int] = None, ep_rank: Optio
     _TRACKER.add(DEFAULT_RNG, seed)
     _TRACKER.add(MODEL_PARALLEL_RNG, offset + tp_rank)
     _TRACKER.add(EXPERT_PARALLEL_RNG, seed + 1024 + 100 * ep_rank + tp_rank)
+
+
+_FORWARD_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def forward_pass():
+    """Marks a model's forward pass; a recomputed cell that runs outside one is being recomputed."""
+    _FORWARD_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _FORWARD_DEPTH[0] -= 1
+
+
+class RngReplay:
+    """Gives a recomputed cell the same dropout masks on its recompute pass as on its forward pass.
+
+    MindSpore recomputes by running the cell's Python forward again, which would draw new masks. The
+    forward records the tracker's states under its input's buffer address (the recompute pass receives
+    the same saved buffer); the recompute restores them, runs, and puts the streams back.
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self._states: "collections.OrderedDict[int, dict]" = collections.OrderedDict()
+        self._capacity = capacity
+
+    def __call__(self, fn, x: Tensor, *args):
+        key = x.data_ptr()
+        if _FORWARD_DEPTH[0] > 0:
+            self._states[key] = _TRACKER.get_states()
+            self._states.move_to_end(key)
+            while len(self._states) > self._capacity:  # forwards that never saw a backward
+                self._states.popitem(last=False)
+            return fn(x, *args)
+        saved = self._states.pop(key, None)
+        if saved is None:
+            raise RuntimeError("a recomputed cell ran outside a forward pass with no recorded forward to replay; "
+                               "call the model inside tensor_parallel.forward_pass()")
+        now = _TRACKER.get_states()
+        _TRACKER.set_states(saved)
+        try:
+            return fn(x, *args)
+        finally:
+            _TRACKER.set_states(now)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
