@@ -39,3 +39,15 @@ def assert_all_close(errors: dict, tol: float, required: list, tol_for=lambda na
 def model_checks_2():
     """Per-rank results of tests/workers/model_checks.py on 2 ranks."""
     return run_on_ranks(2, "tests/workers/model_checks.py:main", timeout=600)
+
+
+@pytest.fixture(scope="session")
+def training_layouts_2():
+    """Per-rank loss histories of DP=2, TP=2 and TP=2+SP training runs on 2 ranks."""
+    return run_on_ranks(2, "tests/workers/training_checks.py:layouts", timeout=900)
+
+
+@pytest.fixture(scope="session")
+def pipeline_checks():
+    """Per-rank results of tests/workers/pipeline_checks.py on 2, 3 and 4 ranks."""
+    return {n: run_on_ranks(n, "tests/workers/pipeline_checks.py:main", timeout=600) for n in (2, 3, 4)}

@@ -107,12 +107,16 @@ class GPTModel(nn.Cell):
         """With tied weights and the head on a stage without the embedding, hold a copy of the word
         embedding there (`word_embeddings_for_head`); it starts equal to the first stage's, and its
         gradient is summed with the first stage's over the embedding group."""
-        if self.untie_embeddings_and_output_weights or not self.post_process or self.pre_process:
+        if self.untie_embeddings_and_output_weights or ps.get_pipeline_model_parallel_world_size() == 1:
             return
-        c = self.config
-        self.word_embeddings_for_head = tp.VocabParallelEmbedding(
-            c.vocab_size, c.hidden_size, init_method=tp.init_method_normal(c.init_method_std),
-            params_dtype=c.dtype("embedding_init_dtype"))
+        if self.pre_process:
+            self.language_model.embedding.word_embeddings.weight.shared_embedding = True
+        if self.post_process and not self.pre_process:
+            c = self.config
+            self.word_embeddings_for_head = tp.VocabParallelEmbedding(
+                c.vocab_size, c.hidden_size, init_method=tp.init_method_normal(c.init_method_std),
+                params_dtype=c.dtype("embedding_init_dtype"))
+            self.word_embeddings_for_head.weight.shared_embedding = True
 
     def shared_embedding_or_output_weight(self):
         """The weight the logits head multiplies by (the word embedding unless untied)."""

@@ -43,3 +43,13 @@ def allreduce_data_parallel_grads(grads: Sequence[Tensor], group=None) -> List[T
         out.append(flat[start:start + n].reshape(g.shape).astype(g.dtype))
         start += n
     return out
+
+
+def allreduce_embedding_grads(params: Sequence[Parameter], grads: Sequence[Tensor]) -> List[Tensor]:
+    """Sum the gradients of the word embedding shared by the first and last pipeline stage (parameters
+    marked `shared_embedding`) over the embedding group, so both copies take the same update."""
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group(ignore_virtual=True):
+        return list(grads)
+    group = ps.get_embedding_group()
+    return [comm.all_reduce(g, group) if getattr(p, "shared_embedding", False) else g
+            for p, g in zip(params, grads)]

@@ -1,0 +1,307 @@
+"""Forward/backward schedules over micro-batches: no pipelining and 1F1B (Megatron's
+`get_forward_backward_func`).
+
+A schedule runs `num_microbatches` micro-batches through this rank's model and returns the per-micro-batch
+losses (last stage) and the gradients summed over micro-batches. Backward through a non-last stage
+re-runs the stage's forward under `GradOperation` with the received output gradient as the sensitivity:
+PyNative keeps no graph between calls, so a stage stores only each in-flight micro-batch's input (the
+activations of Megatron's full recompute), and 1F1B bounds how many are in flight by pp - stage.
+
+`step(batch, input_tensor)` is the stage's forward: it returns the loss on the last stage and the hidden
+states [s, b, h] elsewhere; `input_tensor` is the previous stage's output (None on the first stage).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, ops
+
+from mindtron.parallel_core import parallel_state as ps
+from mindtron.parallel_core.pipeline_parallel import p2p_communication as p2p
+
+
+@dataclasses.dataclass
+class ScheduleResult:
+    """What one iteration's schedule produced on this rank."""
+
+    losses: List[Tensor]            # unscaled loss of each micro-batch (last stage only)
+    grads: Optional[List[Tensor]]   # summed over micro-batches, aligned with `params` (None if forward_only)
+    max_in_flight: int = 0          # most micro-batch inputs held at once
+
+
+class StageRunner:
+    """Forward and backward of one stage for one micro-batch."""
+
+    def __init__(self, step: Callable, params: Sequence, scale: float):
+        self.step, self.params, self.scale = step, list(params), scale
+        self._weights = ParameterTuple(self.params)
+        self._grad_input_and_weights = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
+        self._grad_weights = ops.GradOperation(get_by_list=True, sens_param=True)
+
+    def forward(self, batch, input_tensor: Optional[Tensor]) -> Tensor:
+        return self.step(batch, input_tensor)
+
+    def loss_and_grads(self, batch, input_tensor: Optional[Tensor]):
+        """Last stage: (loss, input grad or None, weight grads) with the loss scaled by `scale`."""
+        if input_tensor is None:
+            def fn():
+                loss = self.step(batch, None)
+                return loss * self.scale, loss
+            (_, loss), grads = ms.value_and_grad(fn, None, self.params, has_aux=True)()
+            return loss, None, list(grads)
+
+        def fn_x(x):
+            loss = self.step(batch, x)
+            return loss * self.scale, loss
+        (_, loss), (gx, grads) = ms.value_and_grad(fn_x, 0, self.params, has_aux=True)(input_tensor)
+        return loss, gx, list(grads)
+
+    def backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
+        """Non-last stage: re-run the forward and pull `output_grad` back: (input grad or None, weight grads)."""
+        if input_tensor is None:
+            grads = self._grad_weights(lambda: self.step(batch, None), self._weights)(output_grad)
+            return None, list(grads)
+        input_grads, grads = self._grad_input_and_weights(lambda x: self.step(batch, x), self._weights)(
+            input_tensor, output_grad)
+        return input_grads[0], list(grads)
+
+
+def _accumulate(total: Optional[List[Tensor]], grads: List[Tensor]) -> List[Tensor]:
+    grads = [g.astype(ms.float32) for g in grads]
+    return grads if total is None else [a + b for a, b in zip(total, grads)]
+
+
+def forward_backward_no_pipelining(step: Callable, batches: Iterator, params: Sequence, num_microbatches: int,
+                                   loss_scale: float = 1.0, forward_only: bool = False, **_) -> ScheduleResult:
+    """Micro-batch accumulation on one stage: loss / num_microbatches, gradients summed."""
+    runner = StageRunner(step, params, loss_scale / num_microbatches)
+    losses, total = [], None
+    for _ in range(num_microbatches):
+        batch = next(batches)
+        if forward_only:
+            losses.append(runner.forward(batch, None))
+            continue
+        loss, _, grads = runner.loss_and_grads(batch, None)
+        losses.append(loss)
+        total = _accumulate(total, grads)
+    return ScheduleResult(losses, total, 1)
+
+
+def forward_backward_pipelining_without_interleaving(step: Callable, batches: Iterator, params: Sequence,
+                                                     num_microbatches: int, tensor_shape: Sequence[int],
+                                                     dtype=ms.float32, loss_scale: float = 1.0,
+                                                     forward_only: bool = False, **_) -> ScheduleResult:
+    """1F1B: warm-up forwards, then one forward and one backward each step, then cool-down backwards.
+
+    Stage r runs min(pp - r - 1, m) warm-up forwards, so it holds at most pp - r micro-batch inputs.
+    """
+    rank = ps.get_pipeline_model_parallel_rank()
+    size = ps.get_pipeline_model_parallel_world_size()
+    last = ps.is_pipeline_last_stage()
+    runner = StageRunner(step, params, loss_scale / num_microbatches)
+    warmup = min(size - rank - 1, num_microbatches)
+    steady = num_microbatches - warmup
+    pending = collections.deque()  # (batch, input) of micro-batches whose backward is still to come
+    losses: List[Tensor] = []
+    total: Optional[List[Tensor]] = None
+    most = 0
+
+    def forward_step(batch, x):
+        """Forward one micro-batch; on the last stage also its backward (it needs nothing from later)."""
+        nonlocal total
+        if last and not forward_only:
+            loss, gx, grads = runner.loss_and_grads(batch, x)
+            losses.append(loss)
+            total = _accumulate(total, grads)
+            return None, gx
+        out = runner.forward(batch, x)
+        if last:
+            losses.append(out)
+            return None, None
+        return out, None
+
+    def backward_step(batch, x, output_grad):
+        nonlocal total
+        gx, grads = runner.backward(batch, x, output_grad)
+        total = _accumulate(total, grads)
+        return gx
+
+    for _ in range(warmup):
+        x = p2p.recv_forward(tensor_shape, dtype)
+        batch = next(batches)
+        out, _ = forward_step(batch, x)
+        p2p.send_forward(out, dtype)
+        if not forward_only:
+            pending.append((batch, x))
+            most = max(most, len(pending))
+    x = p2p.recv_forward(tensor_shape, dtype) if steady > 0 else None
+    for i in range(steady):
+        final = i == steady - 1
+        batch = next(batches)
+        out, last_stage_gx = forward_step(batch, x)
+        if forward_only:
+            p2p.send_forward(out, dtype)
+            if not final:
+                x = p2p.recv_forward(tensor_shape, dtype)
+            continue
+        if last:
+            gx = last_stage_gx  # the last stage did this micro-batch's backward already
+            most = max(most, 1)
+        else:
+            pending.append((batch, x))
+            most = max(most, len(pending))
+            output_grad = p2p.send_forward_recv_backward(out, tensor_shape, dtype)
+            old_batch, old_x = pending.popleft()
+            gx = backward_step(old_batch, old_x, output_grad)
+        if final:
+            p2p.send_backward(gx, dtype)
+        else:
+            x = p2p.send_backward_recv_forward(gx, tensor_shape, dtype)
+    if not forward_only:
+        for _ in range(warmup):
+            output_grad = p2p.recv_backward(tensor_shape, dtype)
+            old_batch, old_x = pending.popleft()
+            p2p.send_backward(backward_step(old_batch, old_x, output_grad), dtype)
+    return ScheduleResult(losses, None if forward_only else total, most)
+
+
+def get_forward_backward_func() -> Callable:
+    """The schedule for this layout: no pipelining, or 1F1B with pipeline stages."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return forward_backward_no_pipelining
+    if ps.get_virtual_pipeline_model_parallel_world_size() is not None:
+        return forward_backward_pipelining_with_interleaving
+    return forward_backward_pipelining_without_interleaving
+
+
+def forward_backward_pipelining_with_interleaving(step: Callable, batches: Iterator, params: Sequence[Sequence],
+                                                  num_microbatches: int, tensor_shape: Sequence[int],
+                                                  dtype=ms.float32, loss_scale: float = 1.0,
+                                                  forward_only: bool = False, **_) -> ScheduleResult:
+    """Interleaved 1F1B over v model chunks per rank (Megatron's virtual pipeline schedule).
+
+    `params[c]` are chunk c's parameters and `step(batch, input_tensor, chunk=c)` its forward. Virtual
+    micro-batch k runs forward on chunk (k // p) % v and backward on chunk v - 1 - (k // p) % v; the
+    micro-batch count must be a multiple of the pipeline size p. Returns gradients concatenated over chunks.
+    """
+    p = ps.get_pipeline_model_parallel_world_size()
+    v = len(params)
+    rank = ps.get_pipeline_model_parallel_rank()
+    if num_microbatches % p:
+        raise ValueError(f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) to be "
+                         f"a multiple of --pipeline-model-parallel-size {p}; change --global-batch-size")
+    total = num_microbatches * v
+    first_rank, last_rank = rank == 0, rank == p - 1
+    runners = [StageRunner(lambda b, x, c=c: step(b, x, chunk=c), params[c], loss_scale / num_microbatches)
+               for c in range(v)]
+    all_warmup = num_microbatches == p
+    warmup = total if (forward_only or all_warmup) else min((p - rank - 1) * 2 + (v - 1) * p, total)
+    steady = total - warmup
+    inputs = [collections.deque() for _ in range(v)]   # (batch, input) awaiting backward, per chunk
+    fresh = [collections.deque() for _ in range(v)]    # received inputs awaiting forward, per chunk
+    out_grads = [collections.deque() for _ in range(v)]
+    chunk_batches = [collections.deque() for _ in range(v)]
+    losses: List[Tensor] = []
+    totals: List[Optional[List[Tensor]]] = [None] * v
+    most = 0
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (p * v)) // p
+        return c if forward else v - 1 - c
+
+    def is_first_virtual(c):
+        return first_rank and c == 0
+
+    def is_last_virtual(c):
+        return last_rank and c == v - 1
+
+    def forward_k(k: int):
+        nonlocal most
+        c = chunk_of(k, True)
+        if c == 0:  # chunk 0 starts a new micro-batch; later chunks see the same ones in the same order
+            batch = next(batches)
+            for later in range(1, v):
+                chunk_batches[later].append(batch)
+        else:
+            batch = chunk_batches[c].popleft()
+        x = None if is_first_virtual(c) else fresh[c].popleft()
+        if is_last_virtual(c) and not forward_only:
+            loss, gx, grads = runners[c].loss_and_grads(batch, x)
+            losses.append(loss)
+            totals[c] = _accumulate(totals[c], grads)
+            inputs[c].append((batch, x, gx))  # backward already done: keep its input gradient
+            most = max(most, sum(len(q) for q in inputs))
+            return None
+        out = runners[c].forward(batch, x)
+        if is_last_virtual(c):
+            losses.append(out)
+            return None
+        if not forward_only:
+            inputs[c].append((batch, x, None))
+            most = max(most, sum(len(q) for q in inputs))
+        return out
+
+    def backward_k(k: int):
+        c = chunk_of(k, False)
+        batch, x, done_gx = inputs[c].popleft()
+        if is_last_virtual(c):
+            gx = done_gx
+        else:
+            gx, grads = runners[c].backward(batch, x, out_grads[c].popleft())
+            totals[c] = _accumulate(totals[c], grads)
+        return None if is_first_virtual(c) else gx
+
+    shape = tuple(tensor_shape)
+    # The first chunk's input on rank 0 is the data; every other chunk receives from the previous rank.
+    if not first_rank:
+        fresh[0].append(p2p.exchange_with_both(None, None, True, False, shape, dtype)[0])
+    for k in range(warmup):
+        out = forward_k(k)
+        next_c = chunk_of(k + 1, True)
+        recv_prev = not (first_rank and next_c == 0) and k != total - 1
+        recv_next = (k == warmup - 1 and not forward_only and not all_warmup and not last_rank)
+        received, grad = p2p.exchange_with_both(out, None, recv_prev, recv_next, shape, dtype)
+        if recv_prev:
+            fresh[next_c].append(received)
+        if recv_next:
+            out_grads[v - 1].append(grad)
+    for i in range(steady):
+        fk, bk = i + warmup, i
+        out = forward_k(fk)
+        gx = backward_k(bk)
+        if first_rank:
+            nf = chunk_of(fk - (p - 1), True)
+            recv_prev = nf != v - 1
+            nf += 1
+        else:
+            nf = chunk_of(fk + 1, True)
+            recv_prev = True
+        if last_rank:
+            nb = chunk_of(bk - (p - 1), False)
+            recv_next = nb != 0
+            nb -= 1
+        else:
+            nb = chunk_of(bk + 1, False)
+            recv_next = True
+        if i == steady - 1:
+            recv_prev = False
+        received, grad = p2p.exchange_with_both(out, gx, recv_prev, recv_next, shape, dtype)
+        if recv_prev:
+            fresh[nf].append(received)
+        if recv_next:
+            out_grads[nb].append(grad)
+    if not forward_only:
+        if all_warmup and not last_rank:
+            out_grads[v - 1].append(p2p.exchange_with_both(None, None, False, True, shape, dtype)[1])
+        for k in range(steady, total):
+            gx = backward_k(k)
+            nb = chunk_of(k + 1, False)
+            recv_next = not (last_rank and nb == v - 1) and k != total - 1
+            _, grad = p2p.exchange_with_both(None, gx, False, recv_next, shape, dtype)
+            if recv_next:
+                out_grads[nb].append(grad)
+    grads = None if forward_only else [g for chunk_total in totals for g in chunk_total]
+    return ScheduleResult(losses, grads, most)
