@@ -1,0 +1,208 @@
+"""Saving and loading training state in mindtron's checkpoint format.
+
+    <save>/latest_checkpointed_iteration.txt          the newest complete iteration
+    <save>/iter_0000100/mp_rank_00/                    one directory per model-parallel rank
+        model.safetensors                              this rank's parameters, by name
+        optimizer.safetensors                          optimizer state (unless --no-save-optim)
+        meta.json                                      iteration, consumed samples, scheduler, loss scaler,
+                                                       RNG states, parallel layout, arguments, CRC32 per file
+    (mp_rank_XX_YYY with pipeline parallelism: XX tensor rank, YYY pipeline rank, as Megatron names them)
+
+A save is atomic: each rank writes into a temporary directory and renames it when complete, and the
+tracker file is replaced (write + rename) only after every rank has finished; a crash mid-save leaves the
+previous checkpoint as the latest loadable one. Data-parallel rank 0 of each model-parallel rank writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+import mindspore as ms
+from mindspore import Tensor
+
+from mindtron.parallel_core import comm
+from mindtron.parallel_core import parallel_state as ps
+from mindtron.parallel_core import tensor_parallel as tp
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+def iteration_dir(root: str, iteration: int) -> Path:
+    """<root>/iter_0000100."""
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def mp_rank_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron's per-model-parallel-rank directory name."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def _this_rank_dir(root: str, iteration: int) -> Path:
+    return iteration_dir(root, iteration) / mp_rank_name(
+        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size())
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _to_numpy(value) -> np.ndarray:
+    array = value.asnumpy() if isinstance(value, Tensor) else np.asarray(value)
+    return np.ascontiguousarray(array)
+
+
+def named_parameters(model) -> Dict[str, Any]:
+    """name -> Parameter of a model, or of a list of virtual-stage chunks (names prefixed model0., model1.,
+    as Megatron keys chunks)."""
+    if isinstance(model, (list, tuple)):
+        if len(model) == 1:
+            return dict(model[0].parameters_and_names())
+        return {f"model{c}.{name}": p for c, m in enumerate(model) for name, p in m.parameters_and_names()}
+    return dict(model.parameters_and_names())
+
+
+def read_latest_iteration(root: str) -> Optional[int]:
+    """The iteration in <root>/latest_checkpointed_iteration.txt, or None when there is no checkpoint."""
+    path = Path(root) / TRACKER
+    if not path.exists():
+        return None
+    text = path.read_text().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path} should hold an iteration number, found {text!r}") from None
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=None, loss_scaler=None,
+                    consumed_samples: int = 0, args: Optional[Dict[str, Any]] = None, save_optim: bool = True,
+                    save_rng: bool = True, keep_checkpoint_max: Optional[int] = None) -> Path:
+    """Write this rank's part of iteration `iteration` under `root`; every rank must call it."""
+    from mindtron.parallel_core.optimizer import optimizer_state_dict
+
+    final = _this_rank_dir(root, iteration)
+    writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    if writer:
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = {"model.safetensors": {name: _to_numpy(p) for name, p in named_parameters(model).items()}}
+        if save_optim and optimizer is not None:
+            files["optimizer.safetensors"] = {k: _to_numpy(v) for k, v in optimizer_state_dict(optimizer).items()}
+        crcs = {}
+        for filename, tensors in files.items():
+            save_file(tensors, str(tmp / filename))
+            crcs[filename] = _crc(tmp / filename)
+        layout = ps.get_layout()
+        meta = {
+            "format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+            "rng": _rng_state() if save_rng else None,
+            "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "dp": layout.dp,
+                       "vpp": layout.vpp},
+            "args": args or {}, "crc32": crcs,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    comm.barrier()
+    if comm.get_rank() == 0:
+        tracker = Path(root) / TRACKER
+        tmp_tracker = tracker.with_name(TRACKER + ".tmp")
+        tmp_tracker.write_text(str(iteration))
+        os.replace(tmp_tracker, tracker)
+        if keep_checkpoint_max:
+            _remove_old(root, keep_checkpoint_max)
+    comm.barrier()
+    return final
+
+
+def _remove_old(root: str, keep: int) -> None:
+    iterations = sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
+    for old in iterations[:-keep]:
+        shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    return {"tracker": tp.get_rng_tracker().get_states(), "numpy": _jsonable(np.random.get_state())}
+
+
+def _jsonable(state):
+    kind, keys, pos, has_gauss, cached = state
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _restore_rng(saved: dict) -> None:
+    tp.get_rng_tracker().set_states(saved["tracker"])
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+
+
+def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scaler=None,
+                    iteration: Optional[int] = None, load_optim: bool = True, load_rng: bool = True,
+                    finetune: bool = False, crc_check: bool = False, strict: bool = True) -> Tuple[int, int]:
+    """Restore this rank's state from `root` (the latest iteration unless given).
+
+    Returns (iteration, consumed_samples); (0, 0) with `finetune`, which loads the weights only.
+    """
+    from mindtron.parallel_core.optimizer import load_optimizer_state_dict
+
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist (--load)")
+    if iteration is None:
+        iteration = read_latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"no {TRACKER} in {root}: nothing was saved there (--load)")
+    directory = _this_rank_dir(root, iteration)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing: the checkpoint of iteration {iteration} is incomplete "
+                                "or was saved with a different parallel layout")
+    meta = json.loads(meta_path.read_text())
+    layout, saved = ps.get_layout(), meta["layout"]
+    if (saved["tp"], saved["pp"]) != (layout.tp, layout.pp):
+        raise ValueError(f"{root} was saved with tensor x pipeline parallel {saved['tp']} x {saved['pp']}, this run "
+                         f"uses {layout.tp} x {layout.pp}; reshard it with the convert tool or match the sizes")
+    if crc_check:
+        for filename, crc in meta["crc32"].items():
+            if _crc(directory / filename) != crc:
+                raise ValueError(f"CRC mismatch in {directory / filename}: the file is corrupt (--resume-crc-check)")
+    weights = load_file(str(directory / "model.safetensors"))
+    params = named_parameters(model)
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, param in params.items():
+        if name in weights:
+            if tuple(weights[name].shape) != tuple(param.shape):
+                raise ValueError(f"{name}: checkpoint shape {weights[name].shape} != model shape {tuple(param.shape)}")
+            param.set_data(Tensor(weights[name], param.dtype))
+    if finetune:
+        return 0, 0
+    if load_optim and optimizer is not None:
+        path = directory / "optimizer.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing (saved with --no-save-optim?); pass --no-load-optim")
+        load_optimizer_state_dict(optimizer, load_file(str(path)))
+        if scheduler is not None and meta["scheduler"] is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        if loss_scaler is not None and meta["loss_scaler"] is not None:
+            loss_scaler.load_state_dict(meta["loss_scaler"])
+    if load_rng and meta["rng"] is not None:
+        _restore_rng(meta["rng"])
+    return int(meta["iteration"]), int(meta["consumed_samples"])

@@ -1,0 +1,69 @@
+"""Iteration log lines: Megatron's (iteration, consumed samples, time, lr, loss, loss scale, grad norm,
+skipped/nan counts, tokens/s, model TFLOP/s) and document 002's `Epoch: 0, Step: N, Loss: X, Time: Y ms`.
+
+Printed (flushed to stdout, which msrun puts in msrun_log/worker_*.log) on the ranks that hold the loss:
+the last pipeline stage, tensor-parallel rank 0.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from mindtron.parallel_core import parallel_state as ps
+
+
+def model_flops_per_token(model_config) -> float:
+    """Forward + backward FLOPs per token: 3 x (2 x matmul weights + attention scores and context + logits)."""
+    c = model_config
+    q_width = c.num_attention_heads * c.kv_channels
+    kv_width = 2 * c.num_query_groups * c.kv_channels
+    mlp = c.hidden_size * c.ffn_hidden_size * (3 if c.gated_linear_unit else 2)
+    per_layer = 2 * (c.hidden_size * (q_width + kv_width) + q_width * c.hidden_size + mlp)
+    attention = 2 * 2 * c.seq_length * q_width  # q k^T and probs v, per token
+    logits = 2 * c.hidden_size * c.vocab_size
+    return 3.0 * (c.num_layers * (per_layer + attention) + logits)
+
+
+class TrainingLogger:
+    """Formats and prints the log lines of one run."""
+
+    def __init__(self, config):
+        self.config = config
+        self.log_interval = max(1, config.training_config.log_interval or 1)
+        self.skipped = 0
+        self.nan = 0
+        self.printing = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        self.flops_per_token = model_flops_per_token(config.model_config)
+        self.world = ps.get_layout().world_size
+
+    def iteration(self, iteration: int, consumed_samples: int, elapsed_ms: float, result, scheduler,
+                  global_batch: int) -> None:
+        self.skipped += int(result.skipped)
+        self.nan += int(not math.isfinite(result.loss))
+        if not self.printing:
+            return
+        lr = scheduler.get_lr(scheduler.optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else float("nan")
+        print(f"Epoch: 0, Step: {iteration}, Loss: {result.loss:.16f}, Time: {elapsed_ms:.2f} ms", flush=True)
+        if iteration % self.log_interval:
+            return
+        tokens = global_batch * self.config.model_config.seq_length
+        seconds = max(elapsed_ms / 1000.0, 1e-9)
+        tflops = tokens * self.flops_per_token / seconds / self.world / 1e12
+        total = self.config.training_config.training_iters
+        parts = [f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{total:8d}",
+                 f"consumed samples: {consumed_samples:12d}",
+                 f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+                 f"learning rate: {lr:.6E}", f"global batch size: {global_batch:5d}",
+                 f"lm loss: {result.loss:.6E}", f"loss scale: {result.loss_scale:.1f}"]
+        if result.grad_norm is not None:
+            parts.append(f"grad norm: {result.grad_norm:.3f}")
+        parts += [f"number of skipped iterations: {self.skipped:3d}", f"number of nan iterations: {self.nan:3d}",
+                  f"tokens per second: {tokens / seconds:.1f}", f"TFLOP/s per rank: {tflops:.4f}"]
+        print(" | ".join(parts) + " |", flush=True)
+        self.skipped = self.nan = 0
+
+    def evaluation(self, name: str, iteration: int, loss: float) -> None:
+        if self.printing:
+            ppl = math.exp(min(20.0, loss))
+            print(f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |",
+                  flush=True)

@@ -1,0 +1,392 @@
+"""The training loop: `pretrain()` with document 002's signature, one `train_step()` per iteration.
+
+One iteration: for each micro-batch, forward + backward (gradients of loss / micro-batches, summed), then
+sequence-parallel and data-parallel gradient reduction, unscaling and an inf/nan check, clipping, the
+optimizer step and the learning-rate schedule. Losses are averaged as Megatron does: per micro-batch over
+its unmasked tokens, then over micro-batches and data-parallel ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from mindtron.parallel_core import comm
+from mindtron.parallel_core import parallel_state as ps
+from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.distributed import (allreduce_data_parallel_grads, allreduce_embedding_grads,
+                                               allreduce_sequence_parallel_grads)
+from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DynamicLossScaler,
+                                              OptimizerParamScheduler, clip_grads, found_inf_in_grads,
+                                              get_megatron_optimizer)
+from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
+from mindtron.training import checkpointing
+from mindtron.training.config import AllConfig
+from mindtron.training.logging import TrainingLogger
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------------
+def default_get_batch(data_iterator: Iterator, config: AllConfig) -> Dict[str, Tensor]:
+    """The next micro-batch as model inputs: tokens, labels, loss_mask, attention_mask, position_ids.
+
+    Accepts loader items holding "text" ([b, s + 1] ids, Megatron's GPT samples) or the five arrays.
+    """
+    from mindtron.data.gpt_batch import make_gpt_batch
+
+    item = next(data_iterator)
+    if "text" in item:
+        d = config.dataset_config
+        eod = d.eos_token_id if d.eos_token_id is not None else 0
+        item = make_gpt_batch(np.asarray(item["text"]), eod, d.reset_position_ids, d.reset_attention_mask,
+                              d.eod_mask_loss)
+    return {k: v if isinstance(v, Tensor) else Tensor(np.asarray(v)) for k, v in item.items()}
+
+
+def _as_batch(batch) -> Dict[str, Tensor]:
+    if isinstance(batch, dict):
+        return batch
+    names = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+    return dict(zip(names, batch))
+
+
+def gpt_forward(model, batch: Dict[str, Tensor]) -> Tensor:
+    """GPTModel's masked mean loss for one micro-batch."""
+    return model(batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"), batch.get("loss_mask"),
+                 labels=batch["labels"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building the pieces from the configs
+# --------------------------------------------------------------------------------------------------------
+def num_microbatches(config: AllConfig) -> int:
+    """Micro-batches per iteration: global batch / (micro batch x data parallel)."""
+    t = config.training_config
+    dp = ps.get_data_parallel_world_size()
+    if t.global_batch_size is None:
+        return max(1, t.gradient_accumulation_steps)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                         f"{t.micro_batch_size} x data-parallel size {dp}")
+    return t.global_batch_size // per_step
+
+
+def global_batch_size(config: AllConfig) -> int:
+    return num_microbatches(config) * config.training_config.micro_batch_size * ps.get_data_parallel_world_size()
+
+
+def build_loss_scaler(config: AllConfig):
+    """Static, dynamic (fp16 default) or adaptive loss scaling; a constant 1 without fp16."""
+    t = config.training_config
+    if t.use_adaptive_loss_scale:
+        return AdaptiveLossScaler(t.loss_scale_value, t.scale_factor, t.loss_scale_window, t.max_scale_window,
+                                  t.min_scale_window)
+    if t.loss_scale is not None:
+        return ConstantLossScaler(t.loss_scale)
+    if t.fp16:
+        return DynamicLossScaler(t.loss_scale_value, t.min_loss_scale, growth_factor=2.0, backoff_factor=0.5,
+                                 growth_interval=t.loss_scale_window, hysteresis=t.loss_scale_factor)
+    return ConstantLossScaler(1.0)
+
+
+def build_scheduler(optimizer, config: AllConfig) -> OptimizerParamScheduler:
+    """Megatron's scheduler in samples: warmup/decay lengths are iterations x global batch."""
+    o, t = config.optimizer_config, config.training_config
+    gbs = global_batch_size(config)
+    train_iters = t.training_iters
+    if o.lr_decay_samples is not None:
+        decay_steps = o.lr_decay_samples
+        warmup_steps = o.lr_warmup_samples
+        wsd_steps = o.lr_wsd_decay_samples
+    else:
+        decay_steps = (o.lr_decay_iters or train_iters) * gbs
+        warmup_steps = o.lr_warmup_iters * gbs
+        wsd_steps = o.lr_wsd_decay_iters * gbs if o.lr_wsd_decay_iters else None
+    if o.lr_warmup_fraction is not None:
+        warmup_steps = int(o.lr_warmup_fraction * decay_steps)
+    wd = o.weight_decay
+    start_wd = o.start_weight_decay if o.start_weight_decay is not None else wd
+    end_wd = o.end_weight_decay if o.end_weight_decay is not None else wd
+    return OptimizerParamScheduler(
+        optimizer, init_lr=o.lr_warmup_init, max_lr=o.learning_rate, min_lr=o.min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, 1), lr_decay_style=o.lr_decay_style,
+        start_wd=start_wd, end_wd=end_wd, wd_incr_steps=train_iters * gbs, wd_incr_style=o.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=o.override_opt_param_scheduler, wsd_decay_steps=wsd_steps,
+        lr_wsd_decay_style=o.lr_wsd_decay_style)
+
+
+# --------------------------------------------------------------------------------------------------------
+# One iteration
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StepResult:
+    loss: float          # mean over micro-batches and data-parallel ranks
+    grad_norm: Optional[float]
+    skipped: bool        # inf/nan gradients: no update
+    loss_scale: float
+
+
+class Trainer:
+    """Holds the model, optimizer, scheduler and loss scaler of a run and performs iterations."""
+
+    def __init__(self, model, config: AllConfig, forward_step_func: Optional[Callable] = None,
+                 get_batch_func: Optional[Callable] = None):
+        # `model` is one Cell, or with virtual pipeline stages the list of this rank's model chunks.
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.model, self.config = model, config
+        self.chunk_params = [list(m.trainable_params()) for m in self.chunks]
+        self.params = [p for chunk in self.chunk_params for p in chunk]
+        lr = config.optimizer_config.learning_rate
+        if lr is None:
+            raise ValueError("no learning rate: pass --lr")
+        self.optimizer = get_megatron_optimizer(config.optimizer_config, self.params)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.loss_scaler = build_loss_scaler(config)
+        self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
+        self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
+        self.clip = (config.optimizer_config.clip_grad if config.optimizer_config.clip_grad
+                     else (config.training_config.max_grad_norm if config.training_config.use_clip_grad else 0.0))
+
+    def _loss_of(self, batch_source, chunk: int = 0) -> Tensor:
+        """Forward one micro-batch; Megatron-style forward_step_func(data_iterator, model) or GPTModel's loss."""
+        model = self.chunks[chunk]
+        if self.forward_step_func is not None:
+            out = self.forward_step_func(batch_source, model)
+            if isinstance(out, tuple):
+                output, loss_func = out
+                out = loss_func(output)
+                if isinstance(out, tuple):
+                    out = out[0]
+            return out
+        return gpt_forward(model, batch_source)
+
+    def _next_micro_batch(self, data_iterator):
+        if self.forward_step_func is not None and self.get_batch_func is None:
+            return iter([next(data_iterator)])  # forward_step_func reads its batch from an iterator
+        if self.get_batch_func is not None:
+            batch = _as_batch(self.get_batch_func(data_iterator))
+        else:
+            batch = default_get_batch(data_iterator, self.config)
+        return iter([batch]) if self.forward_step_func is not None else batch
+
+    def _stage_step(self, batch, input_tensor, chunk: int = 0):
+        """This stage's forward for one micro-batch: the loss on the last stage, hidden states elsewhere."""
+        if input_tensor is not None:
+            self.chunks[chunk].set_input_tensor(input_tensor)
+        return self._loss_of(batch, chunk)
+
+    def set_train(self, mode: bool) -> None:
+        for m in self.chunks:
+            m.set_train(mode)
+
+    def _micro_batches(self, data_iterator):
+        while True:
+            yield self._next_micro_batch(data_iterator)
+
+    def _run_schedule(self, data_iterator, forward_only: bool, scale: float) -> ScheduleResult:
+        c = self.config
+        seq = c.model_config.seq_length
+        if c.model_config.sequence_parallel:
+            seq //= ps.get_tensor_model_parallel_world_size()
+        shape = (seq, c.training_config.micro_batch_size, c.model_config.hidden_size)
+        return get_forward_backward_func()(
+            step=self._stage_step, batches=self._micro_batches(data_iterator),
+            params=self.chunk_params if len(self.chunks) > 1 else self.params,
+            num_microbatches=num_microbatches(c), tensor_shape=shape, loss_scale=scale, forward_only=forward_only)
+
+    def _mean_loss(self, losses: List[Tensor]) -> float:
+        """Mean micro-batch loss of the last stage, averaged over data-parallel ranks (0 on other stages)."""
+        local = ops.stack([l.astype(ms.float32) for l in losses]).mean() if losses else Tensor(0.0, ms.float32)
+        total = comm.all_reduce(local, ps.get_data_parallel_group(with_context_parallel=True))
+        return float(total.asnumpy()) / ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    def train_step(self, data_iterator) -> StepResult:
+        """One iteration over num_microbatches micro-batches."""
+        self.set_train(True)
+        scale = self.loss_scaler.scale
+        result = self._run_schedule(data_iterator, forward_only=False, scale=scale)
+        self.max_in_flight = max(getattr(self, "max_in_flight", 0), result.max_in_flight)
+        grads = allreduce_sequence_parallel_grads(self.params, result.grads)
+        grads = allreduce_embedding_grads(self.params, grads)
+        grads = allreduce_data_parallel_grads(grads)
+        if scale != 1.0:
+            grads = [g / scale for g in grads]
+        found_inf = found_inf_in_grads(grads)
+        self.loss_scaler.update(found_inf)
+        grad_norm = None
+        if not found_inf:
+            if self.clip > 0.0:
+                grads, grad_norm = clip_grads(self.params, grads, self.clip)
+            # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
+            self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, self.params))))
+            self.scheduler.step(increment=global_batch_size(self.config))
+        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale))
+
+    def evaluate(self, data_iterator, eval_iters: int) -> float:
+        """Mean loss over `eval_iters` iterations' worth of micro-batches, without gradients."""
+        self.set_train(False)
+        losses: List[Tensor] = []
+        try:
+            for _ in range(eval_iters):
+                losses += self._run_schedule(data_iterator, forward_only=True, scale=1.0).losses
+        except StopIteration:
+            pass
+        finally:
+            self.set_train(True)
+        if not losses and ps.is_pipeline_last_stage():
+            raise ValueError("the validation data ran out before any batch was evaluated (--eval-iters)")
+        return self._mean_loss(losses)
+
+
+# --------------------------------------------------------------------------------------------------------
+# pretrain()
+# --------------------------------------------------------------------------------------------------------
+def _ensure_initialized(all_config: AllConfig) -> None:
+    """Runtime, process groups and seeds for a caller that built the configs itself."""
+    from mindtron.parallel_core.runtime import init_runtime
+
+    init_runtime()
+    if not ps.model_parallel_is_initialized():
+        p = all_config.parallel_config
+        ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                     p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
+                                     p.expert_model_parallel_size, p.order)
+        tp.model_parallel_seed(all_config.training_config.seed)
+
+
+def build_train_valid_test_data_loaders(all_config: AllConfig, train_valid_test_datasets_provider: Callable,
+                                        consumed_samples: int = 0):
+    """Datasets from the provider (sized in samples as Megatron asks) wrapped in samplers for this rank."""
+    from mindtron.data.gpt_batch import DataLoader
+    from mindtron.data.samplers import MegatronPretrainingSampler
+
+    t = all_config.training_config
+    gbs = global_batch_size(all_config)
+    eval_runs = (t.training_iters // t.eval_interval + 1) if t.eval_interval else 0
+    sizes = [t.training_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs]
+    datasets = train_valid_test_datasets_provider(sizes)
+    loaders = []
+    for i, ds in enumerate(datasets):
+        if ds is None or len(ds) == 0:
+            loaders.append(None)
+            continue
+        sampler = MegatronPretrainingSampler(len(ds), consumed_samples if i == 0 else 0, t.micro_batch_size,
+                                             ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        loaders.append(DataLoader(ds, sampler))
+    return tuple(loaders)
+
+
+def build_model(model_provider_func: Callable):
+    """This rank's model: one Cell, or with virtual pipeline stages a list of chunks (Megatron's get_model).
+
+    Each chunk is built with the virtual rank set, so it holds its own layers and knows whether it carries
+    the embedding (first chunk of the first stage) or the head (last chunk of the last stage).
+    """
+    chunks = ps.get_virtual_pipeline_model_parallel_world_size()
+    if not chunks:
+        return model_provider_func(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    models = []
+    for c in range(chunks):
+        ps.set_virtual_pipeline_model_parallel_rank(c)
+        chunk = model_provider_func(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+        for param in chunk.get_parameters():  # chunks repeat local names; the optimizer needs unique ones
+            param.name = f"model{c}.{param.name}"
+        models.append(chunk)
+    ps.set_virtual_pipeline_model_parallel_rank(0)
+    return models
+
+
+def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, model_provider_func: Optional[Callable] = None,
+             model_type: Any = None, forward_step_func: Optional[Callable] = None,
+             process_non_loss_data_func: Optional[Callable] = None, extra_args_provider: Optional[Callable] = None,
+             all_config: Optional[AllConfig] = None, train_data_loader: Optional[Iterable] = None,
+             get_batch_func: Optional[Callable] = None, args_defaults: Optional[dict] = None,
+             valid_data_loader: Optional[Iterable] = None, test_data_loader: Optional[Iterable] = None):
+    """Train a model as document 002 describes; returns the Trainer (model, optimizer, ...) at the end.
+
+    model_provider_func(pre_process, post_process) builds this rank's model. Data comes from
+    `train_data_loader` (an iterable of micro-batches for this rank) or from
+    `train_valid_test_datasets_provider([train, valid, test] sample counts)`. `get_batch_func(iterator)`
+    turns loader items into model inputs; `forward_step_func(data_iterator, model)` may replace the default
+    forward (it returns the loss, or Megatron's (output, loss_func)).
+    """
+    if model_provider_func is None:
+        raise ValueError("pretrain() needs model_provider_func(pre_process, post_process)")
+    if all_config is None:
+        from mindtron.training.arguments import get_args, init_configs_from_args
+        from mindtron.training.initialize import initialize_megatron
+
+        initialize_megatron(extra_args_provider, args_defaults or {})
+        all_config = init_configs_from_args(get_args())
+    _ensure_initialized(all_config)
+    t = all_config.training_config
+    model = build_model(model_provider_func)
+    trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
+    iteration, consumed = 0, 0
+    if t.load_checkpoint and (t.resume_training or t.finetune or
+                              checkpointing.read_latest_iteration(t.load_checkpoint) is not None):
+        iteration, consumed = checkpointing.load_checkpoint(
+            t.load_checkpoint, model, trainer.optimizer, trainer.scheduler, trainer.loss_scaler,
+            load_optim=not t.no_load_optim, load_rng=not t.no_load_rng, finetune=t.finetune, crc_check=t.crc_check)
+        if t.new_dataset:
+            consumed = 0
+    if train_data_loader is None:
+        if train_valid_test_datasets_provider is None:
+            raise ValueError("pretrain() needs train_data_loader or train_valid_test_datasets_provider")
+        train_data_loader, valid_data_loader, test_data_loader = build_train_valid_test_data_loaders(
+            all_config, train_valid_test_datasets_provider, consumed)
+    elif consumed and hasattr(getattr(train_data_loader, "batch_sampler", None), "consumed_samples"):
+        train_data_loader.batch_sampler.consumed_samples = consumed  # resume where the run stopped
+    train(trainer, all_config, iter(train_data_loader), valid_data_loader, iteration, consumed)
+    if test_data_loader is not None and t.eval_iters:
+        loss = trainer.evaluate(iter(test_data_loader), t.eval_iters)
+        TrainingLogger(all_config).evaluation("test", iteration, loss)
+    return trainer
+
+
+def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_data_loader, iteration: int,
+          consumed_samples: int) -> Tuple[int, int]:
+    """Iterate until --train-iters, --exit-interval or --exit-duration-in-mins; evaluate and save on schedule."""
+    t = config.training_config
+    logger = TrainingLogger(config)
+    gbs = global_batch_size(config)
+    start = time.time()
+    args_record = dataclasses.asdict(config)
+    saved_at = None
+    while iteration < t.training_iters:
+        step_start = time.time()
+        result = trainer.train_step(train_iterator)
+        trainer.history.append(result)
+        iteration += 1
+        consumed_samples += gbs
+        logger.iteration(iteration, consumed_samples, (time.time() - step_start) * 1000.0, result,
+                         trainer.scheduler, gbs)
+        if t.eval_interval and valid_data_loader is not None and iteration % t.eval_interval == 0:
+            logger.evaluation("validation", iteration, trainer.evaluate(iter(valid_data_loader), t.eval_iters))
+        if t.output_dir and t.save_interval and iteration % t.save_interval == 0:
+            _save(trainer, config, iteration, consumed_samples, args_record)
+            saved_at = iteration
+        stop = bool(t.exit_interval and iteration % t.exit_interval == 0)
+        if t.exit_duration_in_mins:
+            elapsed = comm.all_reduce(Tensor(np.array([(time.time() - start) / 60.0], np.float32)), op="max")
+            stop = stop or float(elapsed.asnumpy()[0]) > t.exit_duration_in_mins
+        if stop:
+            break
+    if t.output_dir and saved_at != iteration and iteration > 0:
+        _save(trainer, config, iteration, consumed_samples, args_record)
+    return iteration, consumed_samples
+
+
+def _save(trainer: Trainer, config: AllConfig, iteration: int, consumed: int, args_record: dict) -> None:
+    t = config.training_config
+    checkpointing.save_checkpoint(t.output_dir, iteration, trainer.model, trainer.optimizer, trainer.scheduler,
+                                  trainer.loss_scaler, consumed, args_record, save_optim=not t.no_save_optim,
+                                  save_rng=not t.no_save_rng, keep_checkpoint_max=t.keep_checkpoint_max)

@@ -1,0 +1,77 @@
+"""Training runs of a tiny GPT under several layouts; each returns its per-iteration losses (and grad
+norms), so tests can compare layouts against the single-process run. Used in one process (pytest itself)
+and on 2 ranks through run_on_ranks."""
+import shutil
+import tempfile
+
+from mindtron.data.mock import MockGPTDataset
+from mindtron.legacy_model import GPTModel, TransformerConfig
+from mindtron.parallel_core import parallel_state as ps
+from mindtron.training import pretrain
+from mindtron.training.config import AllConfig, DatasetConfig, OptimizerConfig, ParallelConfig, TrainingConfig
+
+SEED, SEQ, VOCAB = 2024, 16, 128
+
+
+def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, **training) -> AllConfig:
+    model = TransformerConfig(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4, num_attention_heads=4,
+                              attention_dropout_rate=0.0, hidden_dropout_rate=0.0, sequence_parallel=sp,
+                              normalization="RMSNorm", hidden_act="swiglu", ffn_hidden_size=64,
+                              position_embedding_type="rope")
+    return AllConfig(
+        model_config=model,
+        training_config=TrainingConfig(**{"seed": SEED, "training_iters": steps, "micro_batch_size": 2,
+                                          "global_batch_size": 8, "log_interval": 5, "eval_interval": None,
+                                          **training}),
+        dataset_config=DatasetConfig(seq_length=SEQ),
+        optimizer_config=OptimizerConfig(learning_rate=3e-3, min_lr=3e-4, lr_decay_style="cosine",
+                                         lr_warmup_iters=2, clip_grad=1.0, weight_decay=0.01),
+        parallel_config=ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
+                                       pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp))
+
+
+def train(config: AllConfig) -> dict:
+    """pretrain() on mock data; destroys the process groups afterwards so runs can follow each other."""
+    def datasets(sizes):
+        return MockGPTDataset(max(sizes[0], 1), SEQ, VOCAB, seed=SEED), None, None
+
+    def model_provider(pre_process=True, post_process=True):
+        return GPTModel(config.model_config, pre_process=pre_process, post_process=post_process)
+
+    try:
+        trainer = pretrain(datasets, model_provider, all_config=config)
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    finally:
+        ps.destroy_model_parallel()
+    # The word embedding as each stage holds it (first stage: the embedding; last stage: the head's copy).
+    tied = {name: p.asnumpy() for name, p in trainer_named(trainer).items()
+            if name.endswith("word_embeddings.weight") or name.endswith("word_embeddings_for_head.weight")}
+    return {"loss": [r.loss for r in trainer.history], "grad_norm": [r.grad_norm for r in trainer.history],
+            "skipped": [r.skipped for r in trainer.history], "last_stage": last, "tied": tied}
+
+
+def trainer_named(trainer) -> dict:
+    from mindtron.training.checkpointing import named_parameters
+    return named_parameters(trainer.model)
+
+
+def layouts(steps: int = 10) -> dict:
+    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2."""
+    return {"dp2": train(make_config(steps=steps)),
+            "tp2": train(make_config(tp=2, steps=steps)),
+            "tp2_sp": train(make_config(tp=2, sp=True, steps=steps)),
+            "pp2": train(make_config(pp=2, steps=steps)),
+            "pp2_vpp2": train(make_config(pp=2, vpp=2, steps=steps))}
+
+
+def resume(steps: int = 20, save_at: int = 10) -> dict:
+    """Uninterrupted `steps`, then a run of the same length stopped at `save_at` (--exit-interval, saving
+    on exit) and resumed to `steps`: the second half must repeat the uninterrupted run."""
+    root = tempfile.mkdtemp(prefix="mindtron_ckpt_")
+    try:
+        full = train(make_config(steps=steps))
+        first = train(make_config(steps=steps, output_dir=root, exit_interval=save_at))
+        second = train(make_config(steps=steps, load_checkpoint=root, output_dir=None))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"full": full["loss"], "resumed": first["loss"] + second["loss"]}
