@@ -38,3 +38,15 @@ def test_tied_embedding_copies_stay_equal(training_layouts_2, layout):
 def test_resume_is_exact():
     result = training_checks.resume(steps=12, save_at=6)
     np.testing.assert_array_equal(result["resumed"], result["full"])
+
+
+def test_overflowing_steps_are_skipped_and_the_scale_backs_off():
+    """fp16 compute with a huge initial loss scale: the first steps overflow and are skipped (no update, no
+    schedule step) until hysteresis and backoff bring the scale down; then training proceeds."""
+    config = training_checks.make_config(steps=10, fp16=True, loss_scale_value=2.0 ** 24, loss_scale_factor=1)
+    config.model_config.compute_dtype = "float16"
+    result = training_checks.train(config)
+    skipped = result["skipped"]
+    assert skipped[0] and not skipped[-1], skipped
+    assert all(np.isfinite(result["loss"]))
+    assert all(n is None for n, s in zip(result["grad_norm"], skipped) if s)  # no update happened
