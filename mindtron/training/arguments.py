@@ -875,6 +875,11 @@ def _validate_pipeline(args: argparse.Namespace, user: set) -> None:
         args.align_param_gather = False
     if args.num_layer_list is not None:
         _check_layer_list(args.num_layer_list, args.num_layers, pp, vpp or 1)
+    micro_batches = args.gradient_accumulation_steps
+    if vpp is not None and micro_batches is not None:
+        _need(micro_batches % pp == 0, f"number of microbatches ({micro_batches}) is not divisible by "
+              f"--pipeline-model-parallel-size {pp} when using the interleaved schedule (virtual pipeline "
+              "stages): change --global-batch-size or --micro-batch-size")
 
 
 def _check_layer_list(layer_list: list, num_layers: int, pp: int, chunks: int) -> None:
@@ -941,7 +946,9 @@ def _validate_model(args: argparse.Namespace, user: set) -> None:
 
     # Vocabulary: padded like Megatron once a size is known (the tokenizer may set it later).
     if args.padded_vocab_size is None and args.vocab_size is not None:
-        args.padded_vocab_size = pad_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, tp)
+        # NullTokenizer's ids are 0..N-1 plus EOD = N, so its vocabulary is one larger than --vocab-size.
+        tokens = args.vocab_size + (1 if args.tokenizer_type == "NullTokenizer" else 0)
+        args.padded_vocab_size = pad_vocab_size(tokens, args.make_vocab_size_divisible_by, tp)
     if args.padded_vocab_size is not None:
         _need(args.padded_vocab_size % tp == 0, f"--padded-vocab-size {args.padded_vocab_size} is not divisible "
               f"by --tensor-model-parallel-size {tp}")
@@ -1172,6 +1179,11 @@ def _training_config(args: argparse.Namespace) -> TrainingConfig:
 
 def _dataset_config(args: argparse.Namespace) -> DatasetConfig:
     kw = _simple_fields(args, "dataset_config")
+    if kw.get("eos_token_id") is None:
+        from mindtron.data.tokenizers import get_tokenizer
+        tokenizer = get_tokenizer()
+        if tokenizer is not None:
+            kw["eos_token_id"] = int(tokenizer.eod)  # batches mask and reset at the tokenizer's EOD
     kw["micro_batch_num"] = int(args.micro_batch_num or 1)
     return DatasetConfig(**kw)
 

@@ -1,14 +1,15 @@
 """Iteration log lines: Megatron's (iteration, consumed samples, time, lr, loss, loss scale, grad norm,
 skipped/nan counts, tokens/s, model TFLOP/s) and document 002's `Epoch: 0, Step: N, Loss: X, Time: Y ms`.
 
-Printed (flushed to stdout, which msrun puts in msrun_log/worker_*.log) on the ranks that hold the loss:
-the last pipeline stage, tensor-parallel rank 0.
+Printed (flushed to stdout, which msrun puts in msrun_log/worker_*.log) by the last rank of the job, as
+Megatron's print_rank_last does: it sits on the last pipeline stage, so it holds the loss.
 """
 from __future__ import annotations
 
 import math
 import time
 
+from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 
 
@@ -32,9 +33,9 @@ class TrainingLogger:
         self.log_interval = max(1, config.training_config.log_interval or 1)
         self.skipped = 0
         self.nan = 0
-        self.printing = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
         self.flops_per_token = model_flops_per_token(config.model_config)
         self.world = ps.get_layout().world_size
+        self.printing = comm.get_rank() == comm.get_world_size() - 1
 
     def iteration(self, iteration: int, consumed_samples: int, elapsed_ms: float, result, scheduler,
                   global_batch: int) -> None:
@@ -62,8 +63,9 @@ class TrainingLogger:
         print(" | ".join(parts) + " |", flush=True)
         self.skipped = self.nan = 0
 
-    def evaluation(self, name: str, iteration: int, loss: float) -> None:
+    def evaluation(self, iteration: int, loss: float, split: str = "") -> None:
+        """Megatron's line: ` validation loss at iteration N[ on test set] | lm loss value: X | lm loss PPL: Y |`."""
         if self.printing:
+            where = f"iteration {iteration}" + (f" on {split} set" if split else "")
             ppl = math.exp(min(20.0, loss))
-            print(f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |",
-                  flush=True)
+            print(f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |", flush=True)

@@ -152,6 +152,7 @@ class Trainer:
         self.loss_scaler = build_loss_scaler(config)
         self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
         self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
+        self.eval_history: List[Tuple[int, float]] = []  # (iteration, validation loss) per evaluation
         self.clip = (config.optimizer_config.clip_grad if config.optimizer_config.clip_grad
                      else (config.training_config.max_grad_norm if config.training_config.use_clip_grad else 0.0))
 
@@ -345,10 +346,11 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
             all_config, train_valid_test_datasets_provider, consumed)
     elif consumed and hasattr(getattr(train_data_loader, "batch_sampler", None), "consumed_samples"):
         train_data_loader.batch_sampler.consumed_samples = consumed  # resume where the run stopped
-    train(trainer, all_config, iter(train_data_loader), valid_data_loader, iteration, consumed)
-    if test_data_loader is not None and t.eval_iters:
-        loss = trainer.evaluate(iter(test_data_loader), t.eval_iters)
-        TrainingLogger(all_config).evaluation("test", iteration, loss)
+    iteration, consumed = train(trainer, all_config, iter(train_data_loader), valid_data_loader, iteration, consumed)
+    if t.eval_iters:  # Megatron's closing evaluation on the validation and test sets
+        for split, loader in (("validation", valid_data_loader), ("test", test_data_loader)):
+            if loader is not None:
+                TrainingLogger(all_config).evaluation(iteration, trainer.evaluate(iter(loader), t.eval_iters), split)
     return trainer
 
 
@@ -370,7 +372,9 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
         logger.iteration(iteration, consumed_samples, (time.time() - step_start) * 1000.0, result,
                          trainer.scheduler, gbs)
         if t.eval_interval and valid_data_loader is not None and iteration % t.eval_interval == 0:
-            logger.evaluation("validation", iteration, trainer.evaluate(iter(valid_data_loader), t.eval_iters))
+            loss = trainer.evaluate(iter(valid_data_loader), t.eval_iters)
+            trainer.eval_history.append((iteration, loss))
+            logger.evaluation(iteration, loss)
         if t.output_dir and t.save_interval and iteration % t.save_interval == 0:
             _save(trainer, config, iteration, consumed_samples, args_record)
             saved_at = iteration
