@@ -1,0 +1,50 @@
+"""The README's quick start: examples/gpt/pretrain_gpt.sh trains the tiny GPT on the bundled corpus, and the
+example YAML configs load into the configs they describe."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multiproc import REPO, free_port
+from mindtron.training.arguments import init_configs_from_args, parse_args
+
+EXAMPLE = REPO / "examples" / "gpt"
+STEP = re.compile(r"Epoch: 0, Step: (\d+), Loss: ([0-9.]+), Time: ([0-9.]+) ms")
+
+
+def test_pretrain_gpt_sh_trains_on_the_bundled_corpus(tmp_path):
+    env = dict(os.environ, WORKERS="2", MASTER_PORT=str(free_port()), LOG_DIR=str(tmp_path / "logs"))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    run = subprocess.run(["bash", str(EXAMPLE / "pretrain_gpt.sh"), "--train-iters", "30", "--eval-interval", "15",
+                          "--save", str(tmp_path / "ckpt"), "--save-interval", "20"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    last_rank_log = (tmp_path / "logs" / "worker_1.log").read_text(errors="replace")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + last_rank_log[-3000:]
+    losses = {int(s): float(l) for s, l, _ in STEP.findall(last_rank_log)}
+    assert sorted(losses) == list(range(1, 31))
+    assert losses[30] < losses[1] - 1.0, losses  # from ln(1024) ~ 6.9 the loss falls visibly
+    assert "validation loss at iteration 15 |" in last_rank_log
+    assert "validation loss at iteration 30 on test set |" in last_rank_log
+    assert re.search(r"iteration\s+30/\s+30 \| consumed samples:\s+240 \|", last_rank_log)
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert "Step:" not in (tmp_path / "logs" / "worker_0.log").read_text(errors="replace")  # one rank logs
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2.yaml", "tiny_llama.yaml"])
+def test_example_yaml_configs_load(name):
+    path = EXAMPLE / "configs" / name
+    cfg = init_configs_from_args(parse_args(args=["--yaml-cfg", str(path), "--vocab-size", "1023",
+                                                  "--tokenizer-type", "NullTokenizer"], world_size=2))
+    m, t, o, p = cfg.model_config, cfg.training_config, cfg.optimizer_config, cfg.parallel_config
+    assert (m.num_layers, m.hidden_size, m.seq_length, m.vocab_size) == (2, 64, 64, 1024)
+    assert (t.training_iters, t.micro_batch_size, t.global_batch_size, o.learning_rate) == (100, 4, 8, 2e-3)
+    if name == "tiny_llama.yaml":
+        assert (m.normalization, m.hidden_act, m.position_embedding_type, m.num_query_groups) == \
+            ("RMSNorm", "swiglu", "rope", 2)
+        assert m.untie_embeddings_and_output_weights and not m.add_bias_linear
+        assert (p.tensor_model_parallel_size, p.sequence_parallel) == (2, True)
+    else:
+        assert (m.normalization, m.hidden_act, p.tensor_model_parallel_size) == ("LayerNorm", "gelu", 1)
