@@ -48,6 +48,17 @@ def training_layouts_2():
 
 
 @pytest.fixture(scope="session")
+def training_layouts_3_4():
+    """pretrain() on 3 ranks (PP=3 uneven) and 4 ranks (PP=4, PP=2 x DP=2), keyed by layout name."""
+    runs = {}
+    for n in (3, 4):
+        for rank, result in enumerate(run_on_ranks(n, f"tests/workers/training_checks.py:layouts_{n}", timeout=900)):
+            for layout, value in result.items():
+                runs.setdefault(layout, []).append(value)
+    return runs
+
+
+@pytest.fixture(scope="session")
 def pipeline_checks():
     """Per-rank results of tests/workers/pipeline_checks.py on 2, 3 and 4 ranks."""
     return {n: run_on_ranks(n, "tests/workers/pipeline_checks.py:main", timeout=600) for n in (2, 3, 4)}

@@ -1,5 +1,7 @@
 """pretrain() end to end on a tiny GPT: the loss curve is the same for single-process, DP=2, TP=2 and TP=2 with
 sequence parallel given the same global batch; resuming from a checkpoint repeats the uninterrupted run."""
+import re
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,58 @@ def test_layouts_give_the_single_process_loss_curve(single_process, training_lay
         got, want = np.array(result[layout]["loss"]), np.array(single_process["loss"])
         assert got.shape == want.shape, (rank, layout)
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{layout} on rank {rank}")
+
+
+@pytest.mark.parametrize("layout", ["pp3_uneven", "pp4", "pp2_dp2"])
+def test_pipeline_layouts_on_3_and_4_ranks_give_the_single_process_loss_curve(single_process, training_layouts_3_4,
+                                                                            layout):
+    last = [r for r in training_layouts_3_4[layout] if r["last_stage"]]
+    assert len(last) == (2 if layout == "pp2_dp2" else 1)  # one last stage per data-parallel replica
+    for result in last:
+        np.testing.assert_allclose(result["loss"], single_process["loss"], rtol=1e-5, err_msg=layout)
+
+
+def test_evaluation_under_every_layout_gives_the_single_process_validation_loss(single_process, training_layouts_2,
+                                                                                 training_layouts_3_4):
+    want = single_process["eval"]
+    assert [i for i, _ in want] == [5, 10]
+    runs = {layout: [r[layout] for r in training_layouts_2]
+            for layout in ("dp2", "tp2", "tp2_sp", "pp2", "pp2_vpp2")}
+    runs.update(training_layouts_3_4)
+    for layout, per_rank in runs.items():
+        for result in per_rank:
+            if result["last_stage"]:
+                assert [i for i, _ in result["eval"]] == [5, 10], layout
+                np.testing.assert_allclose([l for _, l in result["eval"]], [l for _, l in want], rtol=1e-5,
+                                           err_msg=layout)
+
+
+def test_pipeline_checkpoints_save_and_resume_per_stage(training_layouts_2):
+    """PP=2: stopped after 4 of 8 iterations, saved per stage (mp_rank_00_000 / _001), resumed: the same
+    losses and validation losses as the uninterrupted run."""
+    result = [r["pp2_resume"] for r in training_layouts_2 if r["pp2_resume"]["last_stage"]]
+    assert len(result) == 1
+    np.testing.assert_array_equal(result[0]["resumed"], result[0]["full"])
+    np.testing.assert_array_equal([l for _, l in result[0]["eval_resumed"]], [l for _, l in result[0]["eval_full"]])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+     "--num-layers 3 should be divisible by --pipeline-model-parallel-size 2"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+      "--global-batch-size", "3"],
+     "number of microbatches (3) is not divisible by --pipeline-model-parallel-size 2 when using the interleaved"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "number of layers per pipeline stage (2) must be divisible by --num-layers-per-virtual-pipeline-stage 3"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layer-list", "3,2"],
+     "--num-layer-list"),
+])
+def test_invalid_pipeline_layouts_fail_with_clear_messages(flags, message):
+    from mindtron.training.arguments import parse_args
+    base = ["--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--max-position-embeddings", "16", "--micro-batch-size", "1", "--train-iters", "1"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(args=base + flags, world_size=2)
 
 
 @pytest.mark.parametrize("layout", ["pp2", "pp2_vpp2"])

@@ -1,6 +1,7 @@
 """Training runs of a tiny GPT under several layouts; each returns its per-iteration losses (and grad
 norms), so tests can compare layouts against the single-process run. Used in one process (pytest itself)
 and on 2 ranks through run_on_ranks."""
+import os
 import shutil
 import tempfile
 
@@ -13,27 +14,30 @@ from mindtron.training.config import AllConfig, DatasetConfig, OptimizerConfig, 
 SEED, SEQ, VOCAB = 2024, 16, 128
 
 
-def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, **training) -> AllConfig:
+def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, **training) -> AllConfig:
     model = TransformerConfig(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4, num_attention_heads=4,
                               attention_dropout_rate=0.0, hidden_dropout_rate=0.0, sequence_parallel=sp,
                               normalization="RMSNorm", hidden_act="swiglu", ffn_hidden_size=64,
-                              position_embedding_type="rope")
+                              position_embedding_type="rope", num_layer_list=num_layer_list)
     return AllConfig(
         model_config=model,
         training_config=TrainingConfig(**{"seed": SEED, "training_iters": steps, "micro_batch_size": 2,
-                                          "global_batch_size": 8, "log_interval": 5, "eval_interval": None,
+                                          "global_batch_size": 8, "log_interval": 5, "eval_interval": 5,
+                                          "eval_iters": 2,
                                           **training}),
         dataset_config=DatasetConfig(seq_length=SEQ),
         optimizer_config=OptimizerConfig(learning_rate=3e-3, min_lr=3e-4, lr_decay_style="cosine",
                                          lr_warmup_iters=2, clip_grad=1.0, weight_decay=0.01),
         parallel_config=ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
-                                       pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp))
+                                       pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+                                       num_layer_list=num_layer_list))
 
 
 def train(config: AllConfig) -> dict:
     """pretrain() on mock data; destroys the process groups afterwards so runs can follow each other."""
     def datasets(sizes):
-        return MockGPTDataset(max(sizes[0], 1), SEQ, VOCAB, seed=SEED), None, None
+        return (MockGPTDataset(max(sizes[0], 1), SEQ, VOCAB, seed=SEED),
+                MockGPTDataset(max(sizes[1], 1), SEQ, VOCAB, seed=SEED + 1), None)
 
     def model_provider(pre_process=True, post_process=True):
         return GPTModel(config.model_config, pre_process=pre_process, post_process=post_process)
@@ -47,7 +51,8 @@ def train(config: AllConfig) -> dict:
     tied = {name: p.asnumpy() for name, p in trainer_named(trainer).items()
             if name.endswith("word_embeddings.weight") or name.endswith("word_embeddings_for_head.weight")}
     return {"loss": [r.loss for r in trainer.history], "grad_norm": [r.grad_norm for r in trainer.history],
-            "skipped": [r.skipped for r in trainer.history], "last_stage": last, "tied": tied}
+            "skipped": [r.skipped for r in trainer.history], "last_stage": last, "tied": tied,
+            "eval": list(trainer.eval_history)}
 
 
 def trainer_named(trainer) -> dict:
@@ -56,22 +61,41 @@ def trainer_named(trainer) -> dict:
 
 
 def layouts(steps: int = 10) -> dict:
-    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2."""
+    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2; and a
+    PP=2 run stopped, saved per stage and resumed."""
     return {"dp2": train(make_config(steps=steps)),
             "tp2": train(make_config(tp=2, steps=steps)),
             "tp2_sp": train(make_config(tp=2, sp=True, steps=steps)),
             "pp2": train(make_config(pp=2, steps=steps)),
-            "pp2_vpp2": train(make_config(pp=2, vpp=2, steps=steps))}
+            "pp2_vpp2": train(make_config(pp=2, vpp=2, steps=steps)),
+            "pp2_resume": resume(steps=8, save_at=4, pp=2)}
 
 
-def resume(steps: int = 20, save_at: int = 10) -> dict:
+def layouts_3(steps: int = 10) -> dict:
+    """PP=3 with Megatron's uneven per-stage layer list."""
+    return {"pp3_uneven": train(make_config(pp=3, num_layer_list=[2, 1, 1], steps=steps))}
+
+
+def layouts_4(steps: int = 10) -> dict:
+    """PP=4 (one layer per stage) and PP=2 x DP=2."""
+    return {"pp4": train(make_config(pp=4, steps=steps)),
+            "pp2_dp2": train(make_config(pp=2, steps=steps))}
+
+
+def resume(steps: int = 20, save_at: int = 10, **layout) -> dict:
     """Uninterrupted `steps`, then a run of the same length stopped at `save_at` (--exit-interval, saving
     on exit) and resumed to `steps`: the second half must repeat the uninterrupted run."""
-    root = tempfile.mkdtemp(prefix="mindtron_ckpt_")
+    if "MS_SCHED_PORT" in os.environ:  # every rank of this launch must write into the same directory
+        root = os.path.join(tempfile.gettempdir(), f"mindtron_ckpt_{os.environ['MS_SCHED_PORT']}_{save_at}")
+    else:
+        root = tempfile.mkdtemp(prefix="mindtron_ckpt_")
     try:
-        full = train(make_config(steps=steps))
-        first = train(make_config(steps=steps, output_dir=root, exit_interval=save_at))
-        second = train(make_config(steps=steps, load_checkpoint=root, output_dir=None))
+        full = train(make_config(steps=steps, **layout))
+        first = train(make_config(steps=steps, output_dir=root, exit_interval=save_at, **layout))
+        second = train(make_config(steps=steps, load_checkpoint=root, output_dir=None, **layout))
     finally:
+        from mindtron.parallel_core import comm
+        comm.barrier()  # every stage has loaded before the directory goes
         shutil.rmtree(root, ignore_errors=True)
-    return {"full": full["loss"], "resumed": first["loss"] + second["loss"]}
+    return {"full": full["loss"], "resumed": first["loss"] + second["loss"], "last_stage": full["last_stage"],
+            "eval_full": full["eval"], "eval_resumed": first["eval"] + second["eval"]}
