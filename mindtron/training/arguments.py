@@ -875,11 +875,6 @@ def _validate_pipeline(args: argparse.Namespace, user: set) -> None:
         args.align_param_gather = False
     if args.num_layer_list is not None:
         _check_layer_list(args.num_layer_list, args.num_layers, pp, vpp or 1)
-    micro_batches = args.gradient_accumulation_steps
-    if vpp is not None and micro_batches is not None:
-        _need(micro_batches % pp == 0, f"number of microbatches ({micro_batches}) is not divisible by "
-              f"--pipeline-model-parallel-size {pp} when using the interleaved schedule (virtual pipeline "
-              "stages): change --global-batch-size or --micro-batch-size")
 
 
 def _check_layer_list(layer_list: list, num_layers: int, pp: int, chunks: int) -> None:
