@@ -74,11 +74,38 @@ def _accumulate(total: Optional[List[Tensor]], grads: List[Tensor]) -> List[Tens
     return grads if total is None else [a + b for a, b in zip(total, grads)]
 
 
+class _GradSum:
+    """Weight gradients of each model chunk summed over the micro-batches, or handed to `sink` (a
+    distributed GradBuffer: `add(chunk, grads)` per micro-batch, `chunk_done(chunk)` after the last one,
+    so it can start reducing that chunk while the schedule goes on)."""
+
+    def __init__(self, chunks: int, num_microbatches: int, sink=None):
+        self.totals: List[Optional[List[Tensor]]] = [None] * chunks
+        self.counts = [0] * chunks
+        self.m, self.sink = num_microbatches, sink
+
+    def add(self, chunk: int, grads: List[Tensor]) -> None:
+        if self.sink is None:
+            self.totals[chunk] = _accumulate(self.totals[chunk], grads)
+        else:
+            self.sink.add(chunk, grads)
+        self.counts[chunk] += 1
+        if self.counts[chunk] == self.m and self.sink is not None:
+            self.sink.chunk_done(chunk)
+
+    def result(self) -> Optional[List[Tensor]]:
+        """Gradients concatenated over chunks (None when a sink holds them)."""
+        if self.sink is not None:
+            return None
+        return [g for total in self.totals for g in total]
+
+
 def forward_backward_no_pipelining(step: Callable, batches: Iterator, params: Sequence, num_microbatches: int,
-                                   loss_scale: float = 1.0, forward_only: bool = False, **_) -> ScheduleResult:
+                                   loss_scale: float = 1.0, forward_only: bool = False, grad_sink=None,
+                                   **_) -> ScheduleResult:
     """Micro-batch accumulation on one stage: loss / num_microbatches, gradients summed."""
     runner = StageRunner(step, params, loss_scale / num_microbatches)
-    losses, total = [], None
+    losses, total = [], _GradSum(1, num_microbatches, grad_sink)
     for _ in range(num_microbatches):
         batch = next(batches)
         if forward_only:
@@ -86,14 +113,15 @@ def forward_backward_no_pipelining(step: Callable, batches: Iterator, params: Se
             continue
         loss, _, grads = runner.loss_and_grads(batch, None)
         losses.append(loss)
-        total = _accumulate(total, grads)
-    return ScheduleResult(losses, total, 1)
+        total.add(0, grads)
+    return ScheduleResult(losses, None if forward_only else total.result(), 1)
 
 
 def forward_backward_pipelining_without_interleaving(step: Callable, batches: Iterator, params: Sequence,
                                                      num_microbatches: int, tensor_shape: Sequence[int],
                                                      dtype=ms.float32, loss_scale: float = 1.0,
-                                                     forward_only: bool = False, **_) -> ScheduleResult:
+                                                     forward_only: bool = False, grad_sink=None,
+                                                     **_) -> ScheduleResult:
     """1F1B: warm-up forwards, then one forward and one backward each step, then cool-down backwards.
 
     Stage r runs min(pp - r - 1, m) warm-up forwards, so it holds at most pp - r micro-batch inputs.
@@ -106,16 +134,15 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
     steady = num_microbatches - warmup
     pending = collections.deque()  # (batch, input) of micro-batches whose backward is still to come
     losses: List[Tensor] = []
-    total: Optional[List[Tensor]] = None
+    total = _GradSum(1, num_microbatches, grad_sink)
     most = 0
 
     def forward_step(batch, x):
         """Forward one micro-batch; on the last stage also its backward (it needs nothing from later)."""
-        nonlocal total
         if last and not forward_only:
             loss, gx, grads = runner.loss_and_grads(batch, x)
             losses.append(loss)
-            total = _accumulate(total, grads)
+            total.add(0, grads)
             return None, gx
         out = runner.forward(batch, x)
         if last:
@@ -124,9 +151,8 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
         return out, None
 
     def backward_step(batch, x, output_grad):
-        nonlocal total
         gx, grads = runner.backward(batch, x, output_grad)
-        total = _accumulate(total, grads)
+        total.add(0, grads)
         return gx
 
     for _ in range(warmup):
@@ -165,7 +191,7 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
             output_grad = p2p.recv_backward(tensor_shape, dtype)
             old_batch, old_x = pending.popleft()
             p2p.send_backward(backward_step(old_batch, old_x, output_grad), dtype)
-    return ScheduleResult(losses, None if forward_only else total, most)
+    return ScheduleResult(losses, None if forward_only else total.result(), most)
 
 
 def get_forward_backward_func() -> Callable:
@@ -180,7 +206,8 @@ def get_forward_backward_func() -> Callable:
 def forward_backward_pipelining_with_interleaving(step: Callable, batches: Iterator, params: Sequence[Sequence],
                                                   num_microbatches: int, tensor_shape: Sequence[int],
                                                   dtype=ms.float32, loss_scale: float = 1.0,
-                                                  forward_only: bool = False, **_) -> ScheduleResult:
+                                                  forward_only: bool = False, grad_sink=None,
+                                                  **_) -> ScheduleResult:
     """Interleaved 1F1B over v model chunks per rank (Megatron's virtual pipeline schedule).
 
     `params[c]` are chunk c's parameters and `step(batch, input_tensor, chunk=c)` its forward. Virtual
@@ -205,7 +232,7 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
     out_grads = [collections.deque() for _ in range(v)]
     chunk_batches = [collections.deque() for _ in range(v)]
     losses: List[Tensor] = []
-    totals: List[Optional[List[Tensor]]] = [None] * v
+    totals = _GradSum(v, num_microbatches, grad_sink)
     most = 0
 
     def chunk_of(k: int, forward: bool) -> int:
@@ -231,7 +258,7 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
         if is_last_virtual(c) and not forward_only:
             loss, gx, grads = runners[c].loss_and_grads(batch, x)
             losses.append(loss)
-            totals[c] = _accumulate(totals[c], grads)
+            totals.add(c, grads)
             inputs[c].append((batch, x, gx))  # backward already done: keep its input gradient
             most = max(most, sum(len(q) for q in inputs))
             return None
@@ -251,7 +278,7 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
             gx = done_gx
         else:
             gx, grads = runners[c].backward(batch, x, out_grads[c].popleft())
-            totals[c] = _accumulate(totals[c], grads)
+            totals.add(c, grads)
         return None if is_first_virtual(c) else gx
 
     shape = tuple(tensor_shape)
@@ -303,5 +330,4 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
             _, grad = p2p.exchange_with_both(None, gx, False, recv_next, shape, dtype)
             if recv_next:
                 out_grads[nb].append(grad)
-    grads = None if forward_only else [g for chunk_total in totals for g in chunk_total]
-    return ScheduleResult(losses, grads, most)
+    return ScheduleResult(losses, None if forward_only else totals.result(), most)
