@@ -2,15 +2,15 @@
 
 Under sequence parallelism, parameters that are replicated over tensor-parallel ranks but applied to
 only this rank's sequence chunk (norm weights and biases, row-parallel biases) get a partial gradient on
-each rank: the true gradient is the sum over the tensor-parallel group.
+each rank: the true gradient is the sum over the tensor-parallel group. The tied word embedding's two
+copies (first and last pipeline stage) need the sum of both gradients. Training does both inside its
+gradient buckets (param_and_grad_buffer.py); these per-parameter forms serve schedule-level callers.
 """
 from __future__ import annotations
 
 from typing import List, Sequence
 
-import numpy as np
-import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor
 
 from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
@@ -23,26 +23,6 @@ def allreduce_sequence_parallel_grads(params: Sequence[Parameter], grads: Sequen
         return list(grads)
     return [comm.all_reduce(g, group) if getattr(p, "sequence_parallel", False) else g
             for p, g in zip(params, grads)]
-
-
-def allreduce_data_parallel_grads(grads: Sequence[Tensor], group=None) -> List[Tensor]:
-    """Average `grads` over the data-parallel group (context-parallel ranks folded in) in one message.
-
-    The gradients travel as one flat buffer: on CPU every all-reduce is a separate round trip, so one
-    large message is much cheaper than one per parameter. (Bucketed, overlapped reduction is the job of
-    the gradient-buffer machinery; this is the plain path.)
-    """
-    group = group or ps.get_data_parallel_group(with_context_parallel=True)
-    if group.size == 1:
-        return list(grads)
-    flat = ops.concat([g.reshape(-1).astype(ms.float32) for g in grads])
-    flat = comm.all_reduce(flat, group) / group.size
-    out, start = [], 0
-    for g in grads:
-        n = int(np.prod(g.shape))
-        out.append(flat[start:start + n].reshape(g.shape).astype(g.dtype))
-        start += n
-    return out
 
 
 def allreduce_embedding_grads(params: Sequence[Parameter], grads: Sequence[Tensor]) -> List[Tensor]:

@@ -1,0 +1,236 @@
+"""Gradient buckets: micro-batch gradients accumulated in flat per-dtype buffers and reduced over data
+parallel bucket by bucket (Megatron's ParamAndGradBuffer / DistributedDataParallel, applied from outside
+the model).
+
+Layout. Parameters are grouped by (gradient dtype, reduction group, kind) and, within a group, laid out
+in reverse order (the order backward produces them) into buckets of about `bucket_size` elements. The
+kind separates what needs an extra reduction before the data-parallel one:
+- "sp": replicated over tensor-parallel ranks but fed only this rank's sequence chunk under sequence
+  parallelism (norms, row-parallel biases): summed over the tensor-parallel group first;
+- "embedding": the word embedding shared by the first and last pipeline stage: summed over the embedding
+  group first. Its buckets are always reduced after the schedule, because the two stages finish their
+  backward at different times;
+- "dense": everything else.
+Expert parameters (`allreduce` False, as Megatron marks them) reduce over the expert-data-parallel group:
+the group is chosen per parameter.
+
+No views. A slice of a MindSpore tensor on CPU is a copy, so a bucket never hands out views into its
+buffer: each micro-batch's gradients are concatenated into the bucket's flat buffer (one add per bucket,
+not per parameter), the flat buffer is reduced in one message, and the reduced gradients are split out
+once per step. Where views exist the same layout lets the split be free.
+
+Overlap. With `overlap_grad_reduce`, a bucket's reduction is issued as soon as its model chunk has
+received its last micro-batch's gradients (with virtual pipeline stages, earlier chunks finish first);
+otherwise, or with `delay_grad_reduce`, all buckets are reduced after the last micro-batch. On a backend
+whose collectives run asynchronously the early reductions overlap the remaining backward work; on CPU
+MindSpore runs them in order, so only the issue order changes. The result is the same either way.
+
+Distributed optimizer. With `shard=True` each bucket is padded to a multiple of the data-parallel size and
+reduce-scattered: data-parallel rank r keeps elements [r * S, (r + 1) * S) of every bucket, S = padded / dp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from mindtron.parallel_core import comm
+from mindtron.parallel_core import parallel_state as ps
+
+DEFAULT_BUCKET_SIZE = 40_000_000  # elements; document 002's example value
+
+
+def param_kind(param: Parameter) -> str:
+    """"embedding", "sp" or "dense": which reduction a parameter's gradient needs before data parallel."""
+    if getattr(param, "shared_embedding", False) and ps.get_pipeline_model_parallel_world_size() > 1:
+        return "embedding"
+    if getattr(param, "sequence_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+        return "sp"
+    return "dense"
+
+
+def data_parallel_group_of(param: Parameter):
+    """The group a parameter's gradient is averaged over: expert-data-parallel for expert parameters
+    (Megatron marks them `allreduce = False`), data-parallel with context parallel folded in otherwise."""
+    if getattr(param, "allreduce", True) is False:
+        return ps.get_data_modulo_expert_parallel_group(with_context_parallel=True)
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients travel in one message."""
+
+    indices: List[int]                 # positions in the buffer's parameter list, in layout order
+    offsets: List[int]                 # start of each parameter in the flat buffer
+    numel: int                         # elements holding gradients
+    padded_numel: int                  # numel rounded up to a multiple of the group size when sharding
+    dtype: ms.Type
+    group: object                      # comm.ProcessGroup for the data-parallel reduction
+    kind: str
+    chunk: int
+    data: Optional[Tensor] = None      # accumulated gradients (flat, padded_numel), None before the first add
+    reduced: bool = False
+    shard: Optional[Tensor] = None     # this rank's reduced slice (distributed optimizer)
+
+    @property
+    def shard_size(self) -> int:
+        return self.padded_numel // self.group.size
+
+    def shard_range(self, rank: int) -> Tuple[int, int]:
+        return rank * self.shard_size, (rank + 1) * self.shard_size
+
+
+@dataclass
+class GradBufferConfig:
+    """Megatron's DDP options."""
+
+    bucket_size: Optional[int] = None          # --ddp-bucket-size; None: DEFAULT_BUCKET_SIZE
+    grad_dtype_fp32: bool = True               # --accumulate-allreduce-grads-in-fp32
+    overlap_grad_reduce: bool = False          # --overlap-grad-reduce
+    delay_grad_reduce: bool = False            # document 002: reduce only after the last micro-batch
+    shard: bool = False                        # --use-distributed-optimizer: reduce-scatter
+    check_for_nan: bool = False                # --check-for-nan-in-loss-and-grad
+    pad_to: int = 1                            # enable_mem_align: bucket sizes rounded up to this many elements
+
+
+class GradBuffer:
+    """Buckets over `params` (aligned with `chunks`, the model chunk of each parameter)."""
+
+    def __init__(self, params: Sequence[Parameter], chunks: Sequence[int], config: GradBufferConfig,
+                 kind_of: Callable[[Parameter], str] = param_kind,
+                 group_of: Callable[[Parameter], object] = data_parallel_group_of):
+        if len(params) != len(chunks):
+            raise ValueError("GradBuffer: give the model chunk of every parameter")
+        self.params, self.chunks, self.config = list(params), list(chunks), config
+        size = config.bucket_size or DEFAULT_BUCKET_SIZE
+        if size <= 0:
+            raise ValueError(f"--ddp-bucket-size must be positive, got {size}")
+        self.buckets: List[Bucket] = []
+        self._shapes = [tuple(p.shape) for p in self.params]
+        members: Dict[tuple, List[int]] = {}  # (chunk, dtype, group ranks, kind) -> parameter indices
+        where: Dict[tuple, tuple] = {}
+        for i, p in enumerate(self.params):
+            dtype = ms.float32 if config.grad_dtype_fp32 else p.dtype
+            group = group_of(p)
+            key = (self.chunks[i], str(dtype), tuple(group.ranks), kind_of(p))
+            members.setdefault(key, []).append(i)
+            where[key] = (dtype, group)
+        for key, indices in members.items():
+            self._make_buckets(list(reversed(indices)), size, *where[key], kind=key[3], chunk=key[0])
+        self.bucket_of = {i: b for b in self.buckets for i in b.indices}
+
+    def _make_buckets(self, members: List[int], size: int, dtype, group, kind: str, chunk: int) -> None:
+        current: List[int] = []
+        count = 0
+
+        def close():
+            if not current:
+                return
+            offsets, start = [], 0
+            for i in current:
+                offsets.append(start)
+                start += int(np.prod(self._shapes[i], dtype=np.int64))
+            multiple = self.config.pad_to * (group.size if self.config.shard else 1)
+            padded = -(-start // multiple) * multiple
+            self.buckets.append(Bucket(list(current), offsets, start, padded, dtype, group, kind, chunk))
+
+        for i in members:
+            n = int(np.prod(self._shapes[i], dtype=np.int64))
+            if current and count + n > size:
+                close()
+                current, count = [], 0
+            current.append(i)
+            count += n
+        close()
+
+    # ---- accumulation -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the previous step's gradients (Megatron's zero_grad_buffer)."""
+        for b in self.buckets:
+            b.data, b.shard, b.reduced = None, None, False
+
+    def add(self, chunk: int, grads: Sequence[Tensor]) -> None:
+        """Add one micro-batch's gradients of model chunk `chunk` (aligned with that chunk's parameters)."""
+        local = [i for i, c in enumerate(self.chunks) if c == chunk]
+        if len(local) != len(grads):
+            raise ValueError(f"chunk {chunk} has {len(local)} parameters but {len(grads)} gradients arrived")
+        by_index = dict(zip(local, grads))
+        for b in self.buckets:
+            if b.chunk != chunk:
+                continue
+            pieces = [by_index[i].reshape(-1).astype(b.dtype) for i in b.indices]
+            if b.padded_numel > b.numel:
+                pieces.append(ops.zeros((b.padded_numel - b.numel,), b.dtype))
+            flat = ops.concat(pieces) if len(pieces) > 1 else pieces[0]
+            b.data = flat if b.data is None else b.data + flat
+
+    def chunk_done(self, chunk: int) -> None:
+        """Model chunk `chunk` got its last micro-batch's gradients: with overlap, reduce its buckets now."""
+        if self.config.overlap_grad_reduce and not self.config.delay_grad_reduce:
+            for b in self.buckets:
+                if b.chunk == chunk and b.kind != "embedding":
+                    self._reduce(b)
+
+    def finish(self) -> None:
+        """Reduce every bucket not reduced yet (Megatron's finish_grad_sync)."""
+        for b in self.buckets:
+            if not b.reduced:
+                self._reduce(b)
+
+    # ---- reduction ----------------------------------------------------------------------------------
+    def _reduce(self, b: Bucket) -> None:
+        if b.data is None:
+            raise RuntimeError("a gradient bucket is reduced before any gradient was added to it")
+        if self.config.check_for_nan:
+            self._check_finite(b)
+        data = b.data
+        if b.kind == "sp":
+            data = comm.all_reduce(data, ps.get_tensor_model_parallel_group())
+        elif b.kind == "embedding" and ps.is_rank_in_embedding_group(ignore_virtual=True):
+            data = comm.all_reduce(data, ps.get_embedding_group())
+        size = b.group.size
+        if self.config.shard:
+            b.shard = comm.reduce_scatter(data, b.group) / size if size > 1 else data
+            b.data = None
+        else:
+            b.data = comm.all_reduce(data, b.group) / size if size > 1 else data
+        b.reduced = True
+
+    def _check_finite(self, b: Bucket) -> None:
+        if bool(ops.isfinite(b.data).all()):
+            return
+        bad = [self.params[i].name for i, off in zip(b.indices, b.offsets)
+               if not bool(ops.isfinite(b.data[off:off + int(np.prod(self._shapes[i], dtype=np.int64))]).all())]
+        raise RuntimeError(f"rank {comm.get_rank()}: found NaN or Inf in the local gradients of "
+                           f"{', '.join(bad) or 'a gradient bucket'} before the data-parallel reduction "
+                           "(--check-for-nan-in-loss-and-grad; lower --lr or enable loss scaling)")
+
+    # ---- results ------------------------------------------------------------------------------------
+    def grads(self) -> List[Tensor]:
+        """The reduced gradients, aligned with `params` (after finish(); not with sharding)."""
+        if self.config.shard:
+            raise RuntimeError("with the distributed optimizer each rank holds gradient shards: use shards()")
+        out: List[Optional[Tensor]] = [None] * len(self.params)
+        for b in self.buckets:
+            for i, off in zip(b.indices, b.offsets):
+                n = int(np.prod(self._shapes[i], dtype=np.int64))
+                out[i] = b.data[off:off + n].reshape(self._shapes[i])
+        return out
+
+    def shard_pieces(self, rank: Optional[int] = None) -> List[Tuple[int, Bucket, int, int, int]]:
+        """(parameter index, bucket, start in the parameter, end in the parameter, start in the shard) for
+        every parameter that overlaps data-parallel rank `rank`'s shard (default: this rank's)."""
+        pieces = []
+        for b in self.buckets:
+            r = b.group.rank if rank is None else rank
+            lo, hi = b.shard_range(r)
+            for i, off in zip(b.indices, b.offsets):
+                n = int(np.prod(self._shapes[i], dtype=np.int64))
+                start, end = max(lo, off), min(hi, off + n)
+                if start < end:
+                    pieces.append((i, b, start - off, end - off, start - lo))
+        return pieces
