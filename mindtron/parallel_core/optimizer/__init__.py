@@ -17,6 +17,7 @@ from mindtron.parallel_core.optimizer.optimizer import (
     MegatronAdamW, MegatronSGD, get_megatron_optimizer, get_megatron_param_groups, load_optimizer_state_dict,
     optimizer_state_dict, param_is_not_decayed)
 from mindtron.parallel_core.optimizer.optimizer_param_scheduler import OptimizerParamScheduler
+from mindtron.parallel_core.optimizer.distrib_optimizer import DistributedOptimizer
 
 __all__ = [
     "get_megatron_optimizer", "get_megatron_param_groups", "param_is_not_decayed", "MegatronAdamW", "MegatronSGD",
@@ -24,5 +25,5 @@ __all__ = [
     "get_grad_norm", "clip_grad_by_total_norm", "clip_grads", "grads_for_norm",
     "param_is_not_tensor_parallel_duplicate", "param_is_shared",
     "LossScaler", "ConstantLossScaler", "DynamicLossScaler", "AdaptiveLossScaler", "AdaptiveLossScaleUpdateCell",
-    "adaptive_scale_windows", "found_inf_in_grads", "unscale_grads",
+    "adaptive_scale_windows", "found_inf_in_grads", "unscale_grads", "DistributedOptimizer",
 ]

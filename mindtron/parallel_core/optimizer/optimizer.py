@@ -26,7 +26,7 @@ exactly, so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
@@ -45,16 +45,19 @@ def param_is_not_decayed(name: str, param: Parameter) -> bool:
     return name.endswith(".bias") or len(param.shape) == 1
 
 
-def get_megatron_param_groups(params: Sequence[Parameter], weight_decay: float, lr: float) -> List[dict]:
+def get_megatron_param_groups(params: Sequence[Parameter], weight_decay: float, lr: float,
+                              no_decay: Optional[Callable[[Parameter], bool]] = None) -> List[dict]:
     """The decay group (wd_mult 1.0) and the no-decay group (wd_mult 0.0); empty groups are left out.
 
     Each group carries Megatron's `wd_mult` and `lr_mult` so the scheduler can set its lr and weight decay.
+    `no_decay(param)` replaces Megatron's rule (the distributed optimizer decides by the full parameter).
     """
-    decay, no_decay = [], []
+    exempt = no_decay or (lambda p: param_is_not_decayed(p.name, p))
+    decay, no_decay_params = [], []
     for p in params:
-        (no_decay if param_is_not_decayed(p.name, p) else decay).append(p)
+        (no_decay_params if exempt(p) else decay).append(p)
     groups = []
-    for members, wd_mult in ((decay, 1.0), (no_decay, 0.0)):
+    for members, wd_mult in ((decay, 1.0), (no_decay_params, 0.0)):
         if members:
             groups.append({"params": members, "lr": float(lr), "weight_decay": float(weight_decay) * wd_mult,
                            "wd_mult": wd_mult, "lr_mult": 1.0})
@@ -150,11 +153,12 @@ class MegatronSGD(_MegatronOrder, SGD):
         return True
 
 
-def get_megatron_optimizer(config: OptimizerConfig, params: Sequence[Parameter], lr: Optional[float] = None):
+def get_megatron_optimizer(config: OptimizerConfig, params: Sequence[Parameter], lr: Optional[float] = None,
+                           no_decay: Optional[Callable[[Parameter], bool]] = None):
     """AdamW ("adam") or SGD ("sgd") over `params` with Megatron's decay / no-decay groups.
 
-    `lr` overrides `config.learning_rate` (the scheduler sets it every step anyway). Step it with
-    `optimizer(grads)`, a tuple of gradients aligned with `params`.
+    `lr` overrides `config.learning_rate` (the scheduler sets it every step anyway); `no_decay` overrides the
+    no-weight-decay rule. Step it with `optimizer(grads)`, a tuple of gradients aligned with `params`.
     """
     params = list(params)
     if not params:
@@ -169,7 +173,7 @@ def get_megatron_optimizer(config: OptimizerConfig, params: Sequence[Parameter],
         raise ValueError("no learning rate: set --lr (OptimizerConfig.learning_rate) or pass lr")
     if config.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    groups = get_megatron_param_groups(params, config.weight_decay, lr)
+    groups = get_megatron_param_groups(params, config.weight_decay, lr, no_decay)
     kind = config.optimizer_type.lower()
     if kind in ("adam", "adamw"):
         beta1, beta2 = config.betas
