@@ -130,6 +130,7 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("overlap_grad_reduce", "training_config.overlap_grad_reduce"),
     ("delay_grad_reduce", "training_config.delay_grad_reduce"),
     ("enable_mem_align", "training_config.enable_mem_align"),
+    ("check_for_nan_in_loss_and_grad", "training_config.check_for_nan_in_loss_and_grad"),
     ("resume_training", "training_config.resume_training"),
     ("resume_crc_check", "training_config.crc_check"),
     ("load", "training_config.load_checkpoint"),
@@ -241,7 +242,7 @@ _NOT_IMPLEMENTED_TEXT = """
     --muon-momentum --muon-no-split-qkv --muon-use-nesterov --muon-scale-mode --muon-fp32-matmul-prec
     --muon-num-ns-steps --muon-tp-mode --muon-extra-scale-factor
     # training
-    --rampup-batch-size --decrease-batch-size-if-needed --no-check-for-nan-in-loss-and-grad --check-for-spiky-loss
+    --rampup-batch-size --decrease-batch-size-if-needed --check-for-spiky-loss
     --check-for-large-grads --distribute-saved-activations --recompute-modules --cpu-offloading-num-layers
     --no-clone-scatter-output-in-embedding --iterations-to-skip --result-rejected-tracker-filename
     --disable-gloo-process-groups --use-pytorch-profiler --profile-ranks --record-memory-history

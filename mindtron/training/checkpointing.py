@@ -4,6 +4,8 @@
     <save>/iter_0000100/mp_rank_00/                    one directory per model-parallel rank
         model.safetensors                              this rank's parameters, by name
         optimizer.safetensors                          optimizer state (unless --no-save-optim)
+        optimizer_shard_dp000_of_002.safetensors       or, with the distributed optimizer, each data-parallel
+                                                       rank's state pieces with their ranges (metadata)
         meta.json                                      iteration, consumed samples, scheduler, loss scaler,
                                                        RNG states, parallel layout, arguments, CRC32 per file
     (mp_rank_XX_YYY with pipeline parallelism: XX tensor rank, YYY pipeline rank, as Megatron names them)
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 import mindspore as ms
 from mindspore import Tensor
@@ -95,17 +98,28 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
 
     final = _this_rank_dir(root, iteration)
     writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    sharded = save_optim and hasattr(optimizer, "sharded_state_dict")  # the distributed optimizer
+    tmp = final.with_name(final.name + ".tmp")
     if writer:
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    if sharded:  # every data-parallel rank writes its own optimizer shard into the directory
+        tensors, ranges = optimizer.sharded_state_dict()
+        comm.barrier()
+        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        save_file({k: _to_numpy(v) for k, v in tensors.items()}, str(tmp / _shard_name(dp_rank, dp_size)),
+                  metadata=ranges)
+        comm.barrier()
+    if writer:
         files = {"model.safetensors": {name: _to_numpy(p) for name, p in named_parameters(model).items()}}
-        if save_optim and optimizer is not None:
+        if save_optim and optimizer is not None and not sharded:
             files["optimizer.safetensors"] = {k: _to_numpy(v) for k, v in optimizer_state_dict(optimizer).items()}
         crcs = {}
         for filename, tensors in files.items():
             save_file(tensors, str(tmp / filename))
-            crcs[filename] = _crc(tmp / filename)
+        for path in sorted(tmp.glob("*.safetensors")):
+            crcs[path.name] = _crc(path)
         layout = ps.get_layout()
         meta = {
             "format_version": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
@@ -129,6 +143,36 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
             _remove_old(root, keep_checkpoint_max)
     comm.barrier()
     return final
+
+
+def _shard_name(dp_rank: int, dp_size: int) -> str:
+    return f"optimizer_shard_dp{dp_rank:03d}_of_{dp_size:03d}.safetensors"
+
+
+def _load_optimizer(directory: Path, optimizer) -> None:
+    from mindtron.parallel_core.optimizer import load_optimizer_state_dict
+
+    shard_files = sorted(directory.glob("optimizer_shard_dp*_of_*.safetensors"))
+    plain = directory / "optimizer.safetensors"
+    if hasattr(optimizer, "load_sharded_state_dicts"):
+        if not shard_files:
+            raise FileNotFoundError(f"{directory} has no distributed-optimizer shards (saved without "
+                                    "--use-distributed-optimizer or with --no-save-optim); pass --no-load-optim")
+        sizes = {int(f.name.rsplit("_of_", 1)[1].split(".")[0]) for f in shard_files}
+        if len(sizes) != 1 or len(shard_files) != sizes.pop():
+            raise FileNotFoundError(f"{directory}: the distributed-optimizer shard files are incomplete "
+                                    f"({[f.name for f in shard_files]})")
+        shards = []
+        for f in shard_files:  # regathered from every saved rank, so any data-parallel size can load
+            with safe_open(str(f), framework="numpy") as handle:
+                shards.append(({k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}))
+        optimizer.load_sharded_state_dicts(shards)
+        return
+    if not plain.exists():
+        hint = (" (it holds distributed-optimizer shards: add --use-distributed-optimizer)" if shard_files
+                else " (saved with --no-save-optim?)")
+        raise FileNotFoundError(f"{plain} is missing{hint}; or pass --no-load-optim")
+    load_optimizer_state_dict(optimizer, load_file(str(plain)))
 
 
 def _remove_old(root: str, keep: int) -> None:
@@ -159,8 +203,6 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
 
     Returns (iteration, consumed_samples); (0, 0) with `finetune`, which loads the weights only.
     """
-    from mindtron.parallel_core.optimizer import load_optimizer_state_dict
-
     if not Path(root).is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist (--load)")
     if iteration is None:
@@ -192,13 +234,12 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
             if tuple(weights[name].shape) != tuple(param.shape):
                 raise ValueError(f"{name}: checkpoint shape {weights[name].shape} != model shape {tuple(param.shape)}")
             param.set_data(Tensor(weights[name], param.dtype))
+    if hasattr(optimizer, "reload_main_params"):  # the distributed optimizer's fp32 pieces follow the weights
+        optimizer.reload_main_params()
     if finetune:
         return 0, 0
     if load_optim and optimizer is not None:
-        path = directory / "optimizer.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing (saved with --no-save-optim?); pass --no-load-optim")
-        load_optimizer_state_dict(optimizer, load_file(str(path)))
+        _load_optimizer(directory, optimizer)
         if scheduler is not None and meta["scheduler"] is not None:
             scheduler.load_state_dict(meta["scheduler"])
         if loss_scaler is not None and meta["loss_scaler"] is not None:

@@ -79,7 +79,10 @@ class TrainingConfig:
     delay_grad_reduce: bool = True
     """With overlap, wait for the last micro-batch before reducing (document 002)."""
     enable_mem_align: bool = False
-    """Align bucket boundaries (document 002)."""
+    """Round gradient bucket sizes up to a multiple of 128 elements (document 002)."""
+    check_for_nan_in_loss_and_grad: bool = False
+    """Stop with an error naming the rank and parameter when a local gradient holds NaN/Inf, before the
+    data-parallel reduction (Megatron's --no-check-for-nan-in-loss-and-grad turns its default-on check off)."""
     resume_training: bool = False
     """Resume from the latest checkpoint in load_checkpoint (document 002)."""
     crc_check: bool = False

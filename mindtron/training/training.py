@@ -1,8 +1,9 @@
 """The training loop: `pretrain()` with document 002's signature, one `train_step()` per iteration.
 
-One iteration: for each micro-batch, forward + backward (gradients of loss / micro-batches, summed), then
-sequence-parallel and data-parallel gradient reduction, unscaling and an inf/nan check, clipping, the
-optimizer step and the learning-rate schedule. Losses are averaged as Megatron does: per micro-batch over
+One iteration: for each micro-batch, forward + backward (gradients of loss / micro-batches, accumulated in
+the gradient buckets), then the buckets' sequence-parallel, tied-embedding and data-parallel reduction
+(reduce-scatter with the distributed optimizer), unscaling and an inf/nan check, clipping, the optimizer
+step and the learning-rate schedule. Losses are averaged as Megatron does: per micro-batch over
 its unmasked tokens, then over micro-batches and data-parallel ranks.
 """
 from __future__ import annotations
@@ -19,11 +20,10 @@ from mindspore import Tensor, ops
 from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
-from mindtron.parallel_core.distributed import (allreduce_data_parallel_grads, allreduce_embedding_grads,
-                                               allreduce_sequence_parallel_grads)
-from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DynamicLossScaler,
-                                              OptimizerParamScheduler, clip_grads, found_inf_in_grads,
-                                              get_megatron_optimizer)
+from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DistributedOptimizer,
+                                              DynamicLossScaler, OptimizerParamScheduler, clip_grads,
+                                              found_inf_in_grads, get_megatron_optimizer)
 from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
 from mindtron.training import checkpointing
 from mindtron.training.config import AllConfig
@@ -147,7 +147,21 @@ class Trainer:
         lr = config.optimizer_config.learning_rate
         if lr is None:
             raise ValueError("no learning rate: pass --lr")
-        self.optimizer = get_megatron_optimizer(config.optimizer_config, self.params)
+        t = config.training_config
+        chunk_of_param = [c for c, chunk in enumerate(self.chunk_params) for _ in chunk]
+        self.grad_buffer = GradBuffer(self.params, chunk_of_param, GradBufferConfig(
+            # without wrap_with_ddp, one bucket per group reduced after the last micro-batch
+            bucket_size=t.bucket_size if t.wrap_with_ddp else 2 ** 62,
+            grad_dtype_fp32=True,  # parameters are fp32 master weights, so gradients accumulate in fp32
+            overlap_grad_reduce=t.overlap_grad_reduce and t.wrap_with_ddp,
+            delay_grad_reduce=t.delay_grad_reduce and not t.overlap_grad_reduce,
+            shard=t.use_distributed_optimizer, check_for_nan=t.check_for_nan_in_loss_and_grad,
+            pad_to=128 if t.enable_mem_align else 1))
+        if t.use_distributed_optimizer:
+            self.optimizer = DistributedOptimizer(config.optimizer_config, self.params, self.grad_buffer,
+                                                  overlap_param_gather=config.optimizer_config.overlap_param_gather)
+        else:
+            self.optimizer = get_megatron_optimizer(config.optimizer_config, self.params)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.loss_scaler = build_loss_scaler(config)
         self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
@@ -192,7 +206,7 @@ class Trainer:
         while True:
             yield self._next_micro_batch(data_iterator)
 
-    def _run_schedule(self, data_iterator, forward_only: bool, scale: float) -> ScheduleResult:
+    def _run_schedule(self, data_iterator, forward_only: bool, scale: float, grad_sink=None) -> ScheduleResult:
         c = self.config
         seq = c.model_config.seq_length
         if c.model_config.sequence_parallel:
@@ -201,7 +215,8 @@ class Trainer:
         return get_forward_backward_func()(
             step=self._stage_step, batches=self._micro_batches(data_iterator),
             params=self.chunk_params if len(self.chunks) > 1 else self.params,
-            num_microbatches=num_microbatches(c), tensor_shape=shape, loss_scale=scale, forward_only=forward_only)
+            num_microbatches=num_microbatches(c), tensor_shape=shape, loss_scale=scale, forward_only=forward_only,
+            grad_sink=grad_sink)
 
     def _mean_loss(self, losses: List[Tensor]) -> float:
         """Mean micro-batch loss of the last stage, averaged over data-parallel ranks (0 on other stages)."""
@@ -212,27 +227,41 @@ class Trainer:
     def train_step(self, data_iterator) -> StepResult:
         """One iteration over num_microbatches micro-batches."""
         self.set_train(True)
+        self.sync_params()
         scale = self.loss_scaler.scale
-        result = self._run_schedule(data_iterator, forward_only=False, scale=scale)
+        self.grad_buffer.reset()
+        result = self._run_schedule(data_iterator, forward_only=False, scale=scale, grad_sink=self.grad_buffer)
         self.max_in_flight = max(getattr(self, "max_in_flight", 0), result.max_in_flight)
-        grads = allreduce_sequence_parallel_grads(self.params, result.grads)
-        grads = allreduce_embedding_grads(self.params, grads)
-        grads = allreduce_data_parallel_grads(grads)
+        self.grad_buffer.finish()
+        if isinstance(self.optimizer, DistributedOptimizer):
+            # each data-parallel rank holds disjoint pieces: the norm and the inf check span every rank
+            params, grads, group = self.optimizer.main_params, self.optimizer.shard_grads(), comm.world_group()
+        else:
+            params, grads, group = self.params, self.grad_buffer.grads(), None
         if scale != 1.0:
             grads = [g / scale for g in grads]
-        found_inf = found_inf_in_grads(grads)
+        found_inf = found_inf_in_grads(grads, group)
         self.loss_scaler.update(found_inf)
         grad_norm = None
         if not found_inf:
             if self.clip > 0.0:
-                grads, grad_norm = clip_grads(self.params, grads, self.clip)
-            # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
-            self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, self.params))))
+                grads, grad_norm = clip_grads(params, grads, self.clip, model_parallel_group=group)
+            if isinstance(self.optimizer, DistributedOptimizer):
+                self.optimizer.step(grads)
+            else:
+                # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
+                self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, params))))
             self.scheduler.step(increment=global_batch_size(self.config))
         return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale))
 
+    def sync_params(self) -> None:
+        """Bring the model parameters up to date (the distributed optimizer's deferred all-gather)."""
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.optimizer.finish_param_sync()
+
     def evaluate(self, data_iterator, eval_iters: int) -> float:
         """Mean loss over `eval_iters` iterations' worth of micro-batches, without gradients."""
+        self.sync_params()
         self.set_train(False)
         losses: List[Tensor] = []
         try:
@@ -386,11 +415,13 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
             break
     if t.output_dir and saved_at != iteration and iteration > 0:
         _save(trainer, config, iteration, consumed_samples, args_record)
+    trainer.sync_params()
     return iteration, consumed_samples
 
 
 def _save(trainer: Trainer, config: AllConfig, iteration: int, consumed: int, args_record: dict) -> None:
     t = config.training_config
+    trainer.sync_params()
     checkpointing.save_checkpoint(t.output_dir, iteration, trainer.model, trainer.optimizer, trainer.scheduler,
                                   trainer.loss_scaler, consumed, args_record, save_optim=not t.no_save_optim,
                                   save_rng=not t.no_save_rng, keep_checkpoint_max=t.keep_checkpoint_max)
