@@ -14,7 +14,8 @@ from mindtron.training.config import AllConfig, DatasetConfig, OptimizerConfig, 
 SEED, SEQ, VOCAB = 2024, 16, 128
 
 
-def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, **training) -> AllConfig:
+def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, overlap_param_gather=False,
+                **training) -> AllConfig:
     model = TransformerConfig(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4, num_attention_heads=4,
                               attention_dropout_rate=0.0, hidden_dropout_rate=0.0, sequence_parallel=sp,
                               normalization="RMSNorm", hidden_act="swiglu", ffn_hidden_size=64,
@@ -27,14 +28,16 @@ def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, *
                                           **training}),
         dataset_config=DatasetConfig(seq_length=SEQ),
         optimizer_config=OptimizerConfig(learning_rate=3e-3, min_lr=3e-4, lr_decay_style="cosine",
-                                         lr_warmup_iters=2, clip_grad=1.0, weight_decay=0.01),
+                                         lr_warmup_iters=2, clip_grad=1.0, weight_decay=0.01,
+                                         overlap_param_gather=overlap_param_gather),
         parallel_config=ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
                                        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
                                        num_layer_list=num_layer_list))
 
 
-def train(config: AllConfig) -> dict:
-    """pretrain() on mock data; destroys the process groups afterwards so runs can follow each other."""
+def train(config: AllConfig, on_finish=None) -> dict:
+    """pretrain() on mock data; destroys the process groups afterwards so runs can follow each other.
+    `on_finish(trainer)` may look at the trainer before that."""
     def datasets(sizes):
         return (MockGPTDataset(max(sizes[0], 1), SEQ, VOCAB, seed=SEED),
                 MockGPTDataset(max(sizes[1], 1), SEQ, VOCAB, seed=SEED + 1), None)
@@ -45,6 +48,8 @@ def train(config: AllConfig) -> dict:
     try:
         trainer = pretrain(datasets, model_provider, all_config=config)
         last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        if on_finish is not None:
+            on_finish(trainer)
     finally:
         ps.destroy_model_parallel()
     # The word embedding as each stage holds it (first stage: the embedding; last stage: the head's copy).

@@ -1,0 +1,89 @@
+"""Gradient buckets, overlapped reduction and the distributed optimizer inside pretrain(), on 2 and 4 ranks.
+Each layout returns its losses, final parameters (when each rank holds the whole model) and optimizer
+state sizes, for tests/test_ddp.py to compare with the single-process run."""
+import os
+
+import numpy as np
+
+from mindtron.parallel_core.optimizer import DistributedOptimizer, optimizer_state_dict
+from workers import training_checks as tc
+
+STEPS = 8
+SMALL_BUCKETS = 3000  # elements: the tiny GPT spreads over many buckets
+
+
+def run(steps=STEPS, **options) -> dict:
+    """tc.train with the options, plus final parameters and optimizer-state size of this rank."""
+    captured = {}
+
+    def capture(trainer):
+        opt = trainer.optimizer
+        inner = opt.optimizer if isinstance(opt, DistributedOptimizer) else opt
+        captured["state_numel"] = sum(int(np.prod(v.shape)) for k, v in optimizer_state_dict(inner).items()
+                                      if k.startswith("exp_avg"))
+        captured["params"] = {n: p.asnumpy() for n, p in tc.trainer_named(trainer).items()}
+        captured["buckets"] = len(trainer.grad_buffer.buckets)
+
+    result = tc.train(tc.make_config(steps=steps, **options), on_finish=capture)
+    result.update(captured)
+    return result
+
+
+def layouts_2(root: str) -> dict:
+    """DP=2 with small buckets, with overlap, with the distributed optimizer (and overlapped param gather);
+    then a distributed-optimizer run stopped at half-way and saved into `root` for the 4-rank resume."""
+    out = {
+        "dp2_buckets": run(bucket_size=SMALL_BUCKETS),
+        "dp2_overlap": run(bucket_size=SMALL_BUCKETS, overlap_grad_reduce=True),
+        "dp2_distopt": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True),
+        "dp2_distopt_overlap": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True,
+                                   overlap_grad_reduce=True, overlap_param_gather=True),
+        "dp2_no_ddp": run(wrap_with_ddp=False),
+    }
+    out["dp2_distopt_saved"] = run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True, output_dir=root,
+                                   exit_interval=STEPS // 2)
+    out["files"] = sorted(os.listdir(os.path.join(root, f"iter_{STEPS // 2:07d}", "mp_rank_00")))
+    return out
+
+
+def layouts_4(root: str) -> dict:
+    """DP=4 plain / overlap / distributed optimizer; TP=2 x DP=2 and PP=2 x DP=2 with the distributed
+    optimizer; resuming the 2-rank distributed-optimizer checkpoint at DP=4."""
+    return {
+        "dp4": run(bucket_size=SMALL_BUCKETS),
+        "dp4_overlap": run(bucket_size=SMALL_BUCKETS, overlap_grad_reduce=True),
+        "dp4_distopt": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True),
+        "tp2_dp2_distopt": run(tp=2, sp=True, bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True,
+                               overlap_grad_reduce=True),
+        "pp2_dp2_distopt": run(pp=2, bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True,
+                               overlap_grad_reduce=True),
+        "dp4_resumed_from_dp2": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True, load_checkpoint=root),
+        "dp4_distopt_resume": tc.resume(steps=STEPS, save_at=STEPS // 2, bucket_size=SMALL_BUCKETS,
+                                        use_distributed_optimizer=True),
+    }
+
+
+def nan_report() -> str:
+    """A NaN planted in one rank's gradient is reported with the rank and the parameter name."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+    from mindtron.parallel_core import parallel_state as ps
+    from mindtron.parallel_core import comm
+
+    ps.initialize_model_parallel(1, 1)
+    try:
+        params = [ms.Parameter(Tensor(np.ones((4, 3), np.float32)), name="layer.weight"),
+                  ms.Parameter(Tensor(np.ones((3,), np.float32)), name="layer.bias")]
+        buffer = GradBuffer(params, [0, 0], GradBufferConfig(check_for_nan=True))
+        grads = [Tensor(np.ones((4, 3), np.float32)), Tensor(np.ones((3,), np.float32))]
+        if comm.get_rank() == 1:
+            grads[1] = Tensor(np.array([1.0, np.nan, 1.0], np.float32))
+        buffer.add(0, grads)
+        try:
+            buffer.finish()
+        except RuntimeError as err:
+            return str(err)
+        return ""
+    finally:
+        ps.destroy_model_parallel()
