@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mindtron.data.gpt_batch import make_gpt_batch
-from mindtron.data.mock import MockGPTDataset
+from mock_data import MockGPTDataset
 from mindtron.data.samplers import MegatronPretrainingSampler
 
 

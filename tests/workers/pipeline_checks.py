@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_configs import make_config  # noqa: E402
 
 from mindtron.data.gpt_batch import make_gpt_batch  # noqa: E402
-from mindtron.data.mock import MockGPTDataset  # noqa: E402
+from mock_data import MockGPTDataset  # noqa: E402
 from mindtron.legacy_model import GPTModel  # noqa: E402
 from mindtron.parallel_core import comm, parallel_state as ps, tensor_parallel as tp  # noqa: E402
 from mindtron.parallel_core.distributed import (allreduce_embedding_grads,  # noqa: E402

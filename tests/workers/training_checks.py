@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from mindtron.data.mock import MockGPTDataset
+from mock_data import MockGPTDataset
 from mindtron.legacy_model import GPTModel, TransformerConfig
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.training import pretrain

@@ -1,4 +1,5 @@
-"""Synthetic GPT data (`--mock-data`): learnable, deterministic, no files.
+"""Synthetic GPT data for tests: learnable, deterministic, no files, any vocabulary (the library's
+`--mock-data` is Megatron's, in mindtron.data.gpt_dataset).
 
 Documents are counting runs [k, k+1, ..., k+L-1] (mod the vocabulary, skipping the EOD id) of random start
 and length, each followed by EOD; samples are consecutive windows of seq_length + 1 tokens over their
