@@ -94,3 +94,11 @@ def test_nan_gradient_is_reported_with_rank_and_parameter():
     messages = run_on_ranks(2, "tests/workers/ddp_checks.py:nan_report", timeout=300)
     assert messages[0] != "" and "layer.bias" not in messages[0]
     assert messages[1].startswith("rank 1: found NaN or Inf in the local gradients of layer.bias")
+
+
+def test_expert_parameters_reduce_over_the_expert_data_parallel_group(launches):
+    for rank, result in enumerate(launches["expert_groups"]):
+        group = result["expert_group"]
+        assert rank in group and len(group) == 2 and result["buckets"] == 2
+        np.testing.assert_allclose(result["dense"], np.full((2, 2), 1.5))  # mean of ranks 0..3
+        np.testing.assert_allclose(result["expert"], np.full((3,), np.mean(group)))  # mean over its 2 ranks

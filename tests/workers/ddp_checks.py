@@ -48,7 +48,7 @@ def layouts_2(root: str) -> dict:
 
 def layouts_4(root: str) -> dict:
     """DP=4 plain / overlap / distributed optimizer; TP=2 x DP=2 and PP=2 x DP=2 with the distributed
-    optimizer; resuming the 2-rank distributed-optimizer checkpoint at DP=4."""
+    optimizer; resuming the 2-rank distributed-optimizer checkpoint at DP=4; expert reduction groups."""
     return {
         "dp4": run(bucket_size=SMALL_BUCKETS),
         "dp4_overlap": run(bucket_size=SMALL_BUCKETS, overlap_grad_reduce=True),
@@ -60,6 +60,7 @@ def layouts_4(root: str) -> dict:
         "dp4_resumed_from_dp2": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True, load_checkpoint=root),
         "dp4_distopt_resume": tc.resume(steps=STEPS, save_at=STEPS // 2, bucket_size=SMALL_BUCKETS,
                                         use_distributed_optimizer=True),
+        "expert_groups": expert_groups(),
     }
 
 
@@ -85,5 +86,30 @@ def nan_report() -> str:
         except RuntimeError as err:
             return str(err)
         return ""
+    finally:
+        ps.destroy_model_parallel()
+
+
+def expert_groups() -> dict:
+    """EP=2 on 4 ranks: an expert parameter (`allreduce = False`) is averaged over its expert-data-parallel
+    group of 2, a dense one over all 4 data-parallel ranks; both in the same buffer."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+    from mindtron.parallel_core import parallel_state as ps
+    from mindtron.parallel_core import comm
+
+    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
+    try:
+        dense = ms.Parameter(Tensor(np.zeros((2, 2), np.float32)), name="dense.weight")
+        expert = ms.Parameter(Tensor(np.zeros((3,), np.float32)), name="experts.weight")
+        expert.allreduce = False
+        buffer = GradBuffer([dense, expert], [0, 0], GradBufferConfig())
+        rank = comm.get_rank()
+        buffer.add(0, [Tensor(np.full((2, 2), rank, np.float32)), Tensor(np.full((3,), rank, np.float32))])
+        buffer.finish()
+        g_dense, g_expert = buffer.grads()
+        return {"dense": g_dense.asnumpy(), "expert": g_expert.asnumpy(), "buckets": len(buffer.buckets),
+                "expert_group": list(ps.get_data_modulo_expert_parallel_group(with_context_parallel=True).ranks)}
     finally:
         ps.destroy_model_parallel()
