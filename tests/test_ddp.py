@@ -33,7 +33,7 @@ def launches():
 
 
 LAYOUTS = ["dp2_buckets", "dp2_overlap", "dp2_distopt", "dp2_distopt_overlap", "dp2_no_ddp", "dp4", "dp4_overlap",
-           "dp4_distopt", "tp2_dp2_distopt", "pp2_dp2_distopt"]
+           "dp4_distopt", "tp2_dp2_distopt", "pp2_dp2_distopt", "pp2_vpp2_dp2_overlap", "pp2_vpp2_dp2_overlap_no_delay"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -77,7 +77,8 @@ class TrainingConfig:
     overlap_grad_reduce: bool = False
     """Reduce buckets while backward runs (--overlap-grad-reduce)."""
     delay_grad_reduce: bool = True
-    """With overlap, wait for the last micro-batch before reducing (document 002)."""
+    """With overlap, hold a finished model chunk's reduction back by pipeline-rank backward steps so all
+    pipeline ranks reduce at about the same time (document 002; Megatron-Core's delay_grad_reduce)."""
     enable_mem_align: bool = False
     """Round gradient bucket sizes up to a multiple of 128 elements (document 002)."""
     check_for_nan_in_loss_and_grad: bool = False

@@ -154,7 +154,7 @@ class Trainer:
             bucket_size=t.bucket_size if t.wrap_with_ddp else 2 ** 62,
             grad_dtype_fp32=True,  # parameters are fp32 master weights, so gradients accumulate in fp32
             overlap_grad_reduce=t.overlap_grad_reduce and t.wrap_with_ddp,
-            delay_grad_reduce=t.delay_grad_reduce and not t.overlap_grad_reduce,
+            delay_grad_reduce=t.delay_grad_reduce,
             shard=t.use_distributed_optimizer, check_for_nan=t.check_for_nan_in_loss_and_grad,
             pad_to=128 if t.enable_mem_align else 1))
         if t.use_distributed_optimizer:

@@ -21,9 +21,11 @@ once per step. Where views exist the same layout lets the split be free.
 
 Overlap. With `overlap_grad_reduce`, a bucket's reduction is issued as soon as its model chunk has
 received its last micro-batch's gradients (with virtual pipeline stages, earlier chunks finish first);
-otherwise, or with `delay_grad_reduce`, all buckets are reduced after the last micro-batch. On a backend
-whose collectives run asynchronously the early reductions overlap the remaining backward work; on CPU
-MindSpore runs them in order, so only the issue order changes. The result is the same either way.
+otherwise all buckets are reduced after the last micro-batch. `delay_grad_reduce` (Megatron-Core's
+option of that name) holds a finished chunk's reduction back by `pipeline rank` further backward steps, so
+that all pipeline ranks issue theirs at about the same time. On a backend whose collectives run
+asynchronously the early reductions overlap the remaining backward work; on CPU MindSpore runs them in
+order, so only the issue order changes. The result is the same either way.
 
 Distributed optimizer. With `shard=True` each bucket is padded to a multiple of the data-parallel size and
 reduce-scattered: data-parallel rank r keeps elements [r * S, (r + 1) * S) of every bucket, S = padded / dp.
@@ -91,7 +93,7 @@ class GradBufferConfig:
     bucket_size: Optional[int] = None          # --ddp-bucket-size; None: DEFAULT_BUCKET_SIZE
     grad_dtype_fp32: bool = True               # --accumulate-allreduce-grads-in-fp32
     overlap_grad_reduce: bool = False          # --overlap-grad-reduce
-    delay_grad_reduce: bool = False            # document 002: reduce only after the last micro-batch
+    delay_grad_reduce: bool = False            # hold a finished chunk back by pipeline-rank backward steps
     shard: bool = False                        # --use-distributed-optimizer: reduce-scatter
     check_for_nan: bool = False                # --check-for-nan-in-loss-and-grad
     pad_to: int = 1                            # enable_mem_align: bucket sizes rounded up to this many elements
@@ -122,6 +124,7 @@ class GradBuffer:
         for key, indices in members.items():
             self._make_buckets(list(reversed(indices)), size, *where[key], kind=key[3], chunk=key[0])
         self.bucket_of = {i: b for b in self.buckets for i in b.indices}
+        self._delayed: Dict[int, int] = {}  # finished chunk -> backward steps still to wait
 
     def _make_buckets(self, members: List[int], size: int, dtype, group, kind: str, chunk: int) -> None:
         current: List[int] = []
@@ -152,12 +155,14 @@ class GradBuffer:
         """Forget the previous step's gradients (Megatron's zero_grad_buffer)."""
         for b in self.buckets:
             b.data, b.shard, b.reduced = None, None, False
+        self._delayed.clear()
 
     def add(self, chunk: int, grads: Sequence[Tensor]) -> None:
         """Add one micro-batch's gradients of model chunk `chunk` (aligned with that chunk's parameters)."""
         local = [i for i, c in enumerate(self.chunks) if c == chunk]
         if len(local) != len(grads):
             raise ValueError(f"chunk {chunk} has {len(local)} parameters but {len(grads)} gradients arrived")
+        self._tick()
         by_index = dict(zip(local, grads))
         for b in self.buckets:
             if b.chunk != chunk:
@@ -169,11 +174,28 @@ class GradBuffer:
             b.data = flat if b.data is None else b.data + flat
 
     def chunk_done(self, chunk: int) -> None:
-        """Model chunk `chunk` got its last micro-batch's gradients: with overlap, reduce its buckets now."""
-        if self.config.overlap_grad_reduce and not self.config.delay_grad_reduce:
-            for b in self.buckets:
-                if b.chunk == chunk and b.kind != "embedding":
-                    self._reduce(b)
+        """Model chunk `chunk` got its last micro-batch's gradients: with overlap, reduce its buckets now
+        (or, with delay_grad_reduce, after pipeline-rank more backward steps)."""
+        if not self.config.overlap_grad_reduce:
+            return
+        wait = max(ps.get_pipeline_model_parallel_rank(), 0) if self.config.delay_grad_reduce else 0
+        if wait:
+            self._delayed[chunk] = wait
+        else:
+            self._reduce_chunk(chunk)
+
+    def _tick(self) -> None:
+        # one more backward step happened: release the delayed chunks whose wait is over
+        for chunk in list(self._delayed):
+            self._delayed[chunk] -= 1
+            if self._delayed[chunk] <= 0:
+                del self._delayed[chunk]
+                self._reduce_chunk(chunk)
+
+    def _reduce_chunk(self, chunk: int) -> None:
+        for b in self.buckets:
+            if b.chunk == chunk and b.kind != "embedding" and not b.reduced:
+                self._reduce(b)
 
     def finish(self) -> None:
         """Reduce every bucket not reduced yet (Megatron's finish_grad_sync)."""
