@@ -111,7 +111,7 @@ class MegatronAdamW(_MegatronOrder, AdamW):
             beta1, beta2 = group["betas"]
             start, end = self.group_start_id[group_id], self.group_start_id[group_id + 1]
             self.implementation(_as_float32(group["lr"]), _as_float32(group["weight_decay"]), beta1, beta2,
-                                group["amsgrad"], group["eps"], gradients[start:end], start, end)
+                                group["amsgrad"], group["eps"], ms.mutable(gradients[start:end]), start, end)
         return True
 
 
@@ -149,7 +149,7 @@ class MegatronSGD(_MegatronOrder, SGD):
         for group_id, group in enumerate(self.param_groups):
             start, end = self.group_start_id[group_id], self.group_start_id[group_id + 1]
             self._group_step(_as_float32(group["momentum"]), _as_float32(group["lr"]),
-                             _as_float32(group["weight_decay"]), gradients[start:end], start, end)
+                             _as_float32(group["weight_decay"]), ms.mutable(gradients[start:end]), start, end)
         return True
 
 
