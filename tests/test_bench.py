@@ -1,0 +1,36 @@
+"""The benchmark scripts run on a tiny model and print their figures in the documented format (the
+timings themselves are not checked: CI machines are too noisy)."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str) -> list:
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--tiny", *args],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_step_overhead_prints_both_medians_and_the_ratio_last():
+    lines = _run("step_overhead.py", "--steps", "2", "--warmup", "1")
+    assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]
+    assert float(lines[-1].split()[1]) > 0
+    for side in ("plain", "mindtron"):
+        assert any(re.match(rf"{side}\s+median step\s+\d+\.\d ms", line) for line in lines), (side, lines)
+
+
+def test_throughput_prints_the_table():
+    lines = _run("throughput.py", "--steps", "2", "--warmup", "1")
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].split("|")[1].strip() == "quantity" and set(table[1]) <= {"|", "-"}
+    rows = {cells[1].strip(): cells[2].strip() for cells in (line.split("|") for line in table[2:])}
+    for key in ("layout", "step time (median)", "tokens/s", "model FLOP/s", "matmul rate, MindSpore fp32",
+                "fraction of MindSpore matmul rate"):
+        assert key in rows, (key, rows)
+    assert float(rows["tokens/s"]) > 0
+    assert 0 < float(rows["fraction of MindSpore matmul rate"]) < 1
+    assert rows["layout"].startswith("tp 1, pp 1, dp 1")
