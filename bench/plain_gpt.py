@@ -4,10 +4,11 @@ Same maths as mindtron's GPT-2 style GPTModel (pre-norm LayerNorm layers, fused 
 softmax attention, tanh-GeLU MLP, learned positions, final LayerNorm, logits tied to the word embedding,
 masked mean cross entropy), trained the way MindSpore's own examples train: `mindspore.value_and_grad`
 over the parameters, clipping by the global norm, and `mindspore.experimental.optim.AdamW` with a decay
-and a no-decay group. It uses the op forms MINDSPORE_CPU.md measured fastest on CPU (2-D MatMul with a
-transposed weight, BatchMatMul, LayerNorm kernel, tanh-GeLU from mint.tanh, log_softmax + gather for the
-loss) and runs eagerly in PyNative mode, like mindtron. It is meant as a fair, ordinary implementation:
-no mindtron code, no tricks either side could not use.
+and a no-decay group. It uses MindSpore's standard layers (nn.Dense: MatMul with a
+transposed weight + BiasAdd; nn.LayerNorm) and the op forms MINDSPORE_CPU.md measured fastest on CPU
+(BatchMatMul attention with an additive mask, tanh-GeLU from mint.tanh, log_softmax + gather for the loss),
+and runs eagerly in PyNative mode, like mindtron. It is meant as a fair, ordinary implementation: no
+mindtron code, and none of the CPU-specific workarounds mindtron has (tiled masks, custom softmax gradient).
 """
 from __future__ import annotations
 
@@ -28,19 +29,9 @@ def gelu_tanh(x):
     return x * 0.5 * (1.0 + mint.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
 
 
-class Linear(nn.Cell):
-    """y = x W^T + b for x [..., in]; W [out, in]."""
-
-    def __init__(self, fan_in, fan_out, std, name):
-        super().__init__()
-        self.weight = _param((fan_out, fan_in), std, name + ".weight")
-        self.bias = Parameter(ops.zeros((fan_out,), ms.float32), name=name + ".bias")
-        self.matmul = ops.MatMul(transpose_b=True)
-
-    def construct(self, x):
-        lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, x.shape[-1]), self.weight) + self.bias
-        return y.reshape(lead + (y.shape[-1],))
+def Linear(fan_in, fan_out, std):
+    """MindSpore's standard dense layer (MatMul with a transposed weight + BiasAdd), Megatron's init."""
+    return nn.Dense(fan_in, fan_out, weight_init=Normal(std), bias_init="zeros")
 
 
 class Block(nn.Cell):
@@ -50,11 +41,11 @@ class Block(nn.Cell):
         super().__init__()
         self.heads, self.head_dim, self.dropout = heads, hidden // heads, dropout
         self.ln1 = nn.LayerNorm((hidden,), epsilon=1e-5)
-        self.qkv = Linear(hidden, 3 * hidden, std, f"l{i}.qkv")
-        self.proj = Linear(hidden, hidden, out_std, f"l{i}.proj")
+        self.qkv = Linear(hidden, 3 * hidden, std)
+        self.proj = Linear(hidden, hidden, out_std)
         self.ln2 = nn.LayerNorm((hidden,), epsilon=1e-5)
-        self.fc1 = Linear(hidden, ffn, std, f"l{i}.fc1")
-        self.fc2 = Linear(ffn, hidden, out_std, f"l{i}.fc2")
+        self.fc1 = Linear(hidden, ffn, std)
+        self.fc2 = Linear(ffn, hidden, out_std)
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.scale = 1.0 / math.sqrt(self.head_dim)
