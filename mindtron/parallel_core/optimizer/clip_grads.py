@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor, jit, ops
 
 from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
@@ -30,6 +30,45 @@ __all__ = ["param_is_not_tensor_parallel_duplicate", "param_is_shared", "grads_f
            "clip_grad_by_total_norm", "clip_grads", "default_model_parallel_group"]
 
 SHARED_HEAD_NAME = "word_embeddings_for_head.weight"
+
+
+# One compiled call over all gradients instead of a Python loop of small ops per parameter (and, for the
+# norm, no concatenated copy of every gradient).
+_map = ops.HyperMap()
+_square_sum = ops.MultitypeFuncGraph("mindtron_square_sum")
+_abs_max = ops.MultitypeFuncGraph("mindtron_abs_max")
+_scale = ops.MultitypeFuncGraph("mindtron_scale")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_one(g):
+    g = g.reshape(-1).astype(ms.float32)  # 1-D: MindSpore's CPU reductions over all axes of a 2-D tensor are slow
+    return ops.reduce_sum(g * g)
+
+
+@_abs_max.register("Tensor")
+def _abs_max_one(g):
+    return ops.reduce_max(ops.abs(g.reshape(-1).astype(ms.float32)))
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_one(coeff, g):
+    return g * coeff.astype(g.dtype)
+
+
+@jit
+def _sum_of_squares(grads):
+    return ops.addn(_map(_square_sum, grads))
+
+
+@jit
+def _max_of_abs(grads):
+    return ops.stack(_map(_abs_max, grads)).max()
+
+
+@jit
+def _scale_all(grads, coeff):
+    return _map(ops.partial(_scale, coeff), grads)
 
 
 def param_is_not_tensor_parallel_duplicate(param: Parameter, tp_rank: int) -> bool:
@@ -94,8 +133,8 @@ def get_grad_norm(params: Sequence[Parameter], grads: Sequence[Tensor],
     group = model_parallel_group if model_parallel_group is not None else default_model_parallel_group()
     counted = grads_for_norm(params, grads, tp_rank, pp_rank)
     if counted:
-        flat = ops.concat([g.reshape(-1).astype(ms.float32) for g in counted])
-        local = (ops.abs(flat).max() if math.isinf(norm_type) else ops.sum(flat * flat)).reshape(1)
+        counted = ms.mutable(tuple(counted))  # a variable input: the compiled reduction is reused every step
+        local = (_max_of_abs(counted) if math.isinf(norm_type) else _sum_of_squares(counted)).reshape(1)
     else:
         local = ops.zeros((1,), ms.float32)
     if group is not None:
@@ -115,7 +154,12 @@ def clip_grad_by_total_norm(grads: Sequence[Tensor], max_norm: float, total_norm
     coeff = max_norm / (total_norm + 1.0e-6)
     if not coeff < 1.0:
         return list(grads)
-    return [None if g is None else g * Tensor(np.asarray(coeff, np.float32)).astype(g.dtype) for g in grads]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    scaled = _scale_all(ms.mutable(tuple(grads[i] for i in present)), Tensor(np.asarray(coeff, np.float32)))
+    out = list(grads)
+    for i, g in zip(present, scaled):
+        out[i] = g
+    return out
 
 
 def clip_grads(params: Sequence[Parameter], grads: Sequence[Tensor], max_norm: float,
