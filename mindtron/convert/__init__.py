@@ -1,0 +1,1 @@
+"""Megatron-LM checkpoints <-> mindtron checkpoints, with resharding to any tensor x pipeline layout."""
