@@ -14,5 +14,8 @@ setup(
         "regex",
         "safetensors",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # torch is test-only: the converter tests build Megatron checkpoints with the real torch.save (the
+    # library never imports it). Pinned to the CPU build (+cpu wheel: pip's index here, or
+    # --extra-index-url https://download.pytorch.org/whl/cpu elsewhere).
+    extras_require={"test": ["pytest>=7", "torch==2.13.0"]},
 )

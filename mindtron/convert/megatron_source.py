@@ -1,0 +1,227 @@
+"""Reading a Megatron-LM checkpoint directory (legacy or Megatron-Core model, torch.save format) into a
+whole model.
+
+    <load>/latest_checkpointed_iteration.txt            an iteration number, or "release"
+    <load>/iter_0000100/mp_rank_00/model_optim_rng.pt  (or release/...), one file per model-parallel rank:
+    <load>/iter_0000100/mp_rank_00_001/...              mp_rank_<tensor rank>_<pipeline rank> with pp > 1
+
+Each file holds {"args": Namespace, "checkpoint_version": 3.0, "iteration": N, "model": state dict (or
+"model0", "model1", ... per virtual pipeline chunk), "optimizer": ..., "rng_state": ...}. Only the model
+entries are converted; the rest is listed in the summary as not converted.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from mindtron.convert import names as N
+from mindtron.convert import names_core, names_legacy
+from mindtron.convert.model_state import FullCheckpoint, ShardState, assemble, observe_shapes, validate
+from mindtron.convert.qkv_order import check_version, to_current_order
+from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.spec import ModelSpec, spec_from_megatron_args
+from mindtron.convert.torch_reader import is_placeholder, load_torch_file
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+_RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?$")
+_METADATA_KEYS = ("args", "checkpoint_version", "iteration")
+FORMATS = ("megatron-legacy", "megatron-core")
+
+
+def find_checkpoint_dir(load_dir, iteration: Optional[int] = None) -> Tuple[Path, int, bool]:
+    """(directory holding the mp_rank_* folders, iteration, is release) of a Megatron checkpoint."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--load-dir {root} does not exist")
+    if iteration is not None:
+        directory = root / f"iter_{iteration:07d}"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} does not exist (--iteration {iteration})")
+        return directory, iteration, False
+    tracker = root / TRACKER
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        if text == "release":
+            directory, number, release = root / "release", 0, True
+        else:
+            try:
+                number = int(text)
+            except ValueError:
+                raise ValueError(f"{tracker} should hold an iteration number or 'release', found {text!r}") from None
+            directory, release = root / f"iter_{number:07d}", False
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{tracker} names {directory.name}, which does not exist; pass --iteration N")
+        return directory, number, release
+    if any(_RANK_DIR.match(p.name) for p in root.iterdir()):  # pointed at an iteration directory itself
+        match = re.match(r"^iter_(\d+)$", root.name)
+        return root, int(match.group(1)) if match else 0, root.name == "release"
+    raise FileNotFoundError(f"{root} has no {TRACKER} and no mp_rank_* folders; point --load-dir at a Megatron "
+                            "checkpoint directory (or pass --iteration N)")
+
+
+def rank_files(directory: Path) -> Dict[Tuple[int, int], Path]:
+    """(tensor rank, pipeline rank) -> model_optim_rng.pt for every model-parallel rank in `directory`."""
+    if any(directory.glob("*.distcp")) or (directory / "metadata.json").exists() or \
+            (directory / ".metadata").exists():
+        raise ValueError(f"{directory} is a distributed (torch_dist) checkpoint, which the converter does not read; "
+                         "have Megatron-LM re-save it in the torch format (--ckpt-convert-format torch "
+                         "--ckpt-convert-save DIR) and convert that")
+    files: Dict[Tuple[int, int], Path] = {}
+    for sub in sorted(directory.iterdir()):
+        match = _RANK_DIR.match(sub.name)
+        if not match or not sub.is_dir():
+            continue
+        if match.group(3) is not None:
+            raise ValueError(f"{sub} is an expert-parallel rank (mp_rank_XX_YYY_EEE): Mixture-of-Experts checkpoints "
+                             "are not converted")
+        path = sub / RANK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+        files[(int(match.group(1)), int(match.group(2) or 0))] = path
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no mp_rank_*/{RANK_FILE} files")
+    tp = 1 + max(t for t, _ in files)
+    pp = 1 + max(p for _, p in files)
+    missing = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for t in range(tp) for p in range(pp)
+               if (t, p) not in files]
+    if missing:
+        raise FileNotFoundError(f"{directory} lacks {missing}: a checkpoint with tensor x pipeline parallel "
+                                f"{tp} x {pp} needs every rank's folder")
+    return files
+
+
+def _args_dict(args: Any, where: Path) -> Dict[str, Any]:
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, Mapping):
+        return dict(args)
+    raise ValueError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
+
+
+def _model_chunks(state: Mapping[str, Any], where: Path) -> List[Mapping[str, Any]]:
+    if "model" in state:
+        return [state["model"]]
+    chunks = sorted((int(k[5:]), v) for k, v in state.items() if re.match(r"^model\d+$", str(k)))
+    if not chunks:
+        raise ValueError(f"{where} holds no 'model' entry (found {sorted(map(str, state))[:8]}); it is not a "
+                         "Megatron model checkpoint")
+    if [i for i, _ in chunks] != list(range(len(chunks))):
+        raise ValueError(f"{where}: virtual pipeline chunks {[i for i, _ in chunks]} are not model0..modelN")
+    return [v for _, v in chunks]
+
+
+def detect_format(model: Mapping[str, Any], where: Path) -> str:
+    """'megatron-legacy' or 'megatron-core' from a model state dict's keys."""
+    if names_legacy.is_legacy_state(model):
+        return "megatron-legacy"
+    if names_core.is_core_state(model):
+        return "megatron-core"
+    raise ValueError(f"{where}: the model's keys ({sorted(map(str, model))[:5]}) are neither Megatron's legacy "
+                     "names (language_model.*) nor Megatron-Core's (embedding.*, decoder.*); pass --source-format")
+
+
+def canonical_tensors(model: Mapping[str, Any], scheme: str, spec: ModelSpec, version: int, tp: int, where: Path,
+                      report: ConversionReport) -> Dict[str, np.ndarray]:
+    """One model state dict under canonical stage-local names; every entry placed, ignored, or an error."""
+    out: Dict[str, np.ndarray] = {}
+    origin: Dict[str, str] = {}
+    unknown: List[str] = []
+    for key, value in names_legacy.flatten(model).items():
+        reason = N.ignore_reason(key)
+        if reason is not None:
+            report.ignore(reason, key)
+            continue
+        name = (names_legacy.canonical_name(key) if scheme == "megatron-legacy"
+                else names_core.canonical_name(key, tied=not spec.untied))
+        if name is None:
+            unknown.append(key)
+            continue
+        if not isinstance(value, np.ndarray):
+            what = f"an object of {value.source}" if is_placeholder(value) else type(value).__name__
+            raise ValueError(f"{where}: model entry {key} is {what}, not a tensor; the file is corrupt or not a "
+                             "Megatron checkpoint")
+        if name in out:
+            raise ValueError(f"{where}: {key} and {origin[name]} both map to {name}; the checkpoint mixes two "
+                             "naming schemes")
+        if name.endswith(("query_key_value.weight", "query_key_value.bias")) and version < 2:
+            value = to_current_order(value, version, spec.fields["num_attention_heads"] // tp,
+                                     spec.fields["kv_channels"])
+        out[name], origin[name] = value, key
+        report.placed += 1
+    if unknown:
+        raise ValueError(
+            f"{where}: cannot place {len(unknown)} tensor(s) {unknown[:6]}: they match no parameter of mindtron's "
+            f"GPT in the {scheme} naming scheme. The checkpoint may use a feature mindtron does not implement "
+            "(Mixture-of-Experts, QK layer norm, ...) or another model family; pass --source-format if the "
+            "scheme was detected wrongly")
+    return out
+
+
+def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: ConversionReport,
+                             source_format: str = "auto", iteration: Optional[int] = None, reader: str = "auto",
+                             show_progress: bool = True) -> FullCheckpoint:
+    """The whole model of a Megatron-LM checkpoint, with settings from its stored args and `overrides`."""
+    directory, number, release = find_checkpoint_dir(load_dir, iteration)
+    files = rank_files(directory)
+    tp = 1 + max(t for t, _ in files)
+    pp = 1 + max(p for _, p in files)
+    order = sorted(files, key=lambda k: (k[1], k[0]))
+    progress = Progress(len(order), "reading", show_progress)
+    spec: Optional[ModelSpec] = None
+    shards: List[ShardState] = []
+    chunks_seen = None
+    report.source, report.iteration, report.files_read = str(load_dir), number, len(order)
+    for tp_rank, pp_rank in order:
+        path = files[(tp_rank, pp_rank)]
+        state, placeholders = load_torch_file(path, reader)
+        for source, count in placeholders.items():
+            report.placeholders[source] = report.placeholders.get(source, 0) + count
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a Megatron checkpoint dict")
+        version = check_version(state.get("checkpoint_version", 0), str(path))
+        if spec is None:
+            args = _args_dict(state.get("args"), path)
+            if not args and not overrides:
+                raise ValueError(f"{path} stores no arguments; give the model settings on the command line "
+                                 "(--num-layers, --hidden-size, --num-attention-heads, ...)")
+            stored_tp = args.get("tensor_model_parallel_size", args.get("model_parallel_size"))
+            stored_pp = args.get("pipeline_model_parallel_size")
+            if stored_tp not in (None, tp) or stored_pp not in (None, pp):
+                report.warn(f"the stored args say TP={stored_tp} x PP={stored_pp} but {directory} holds "
+                            f"{tp} x {pp} rank folders; the folders are used")
+            spec = spec_from_megatron_args(args, overrides)
+            report.checkpoint_version = version
+            if not release and state.get("iteration") is not None:
+                report.iteration = number = int(state["iteration"])
+            consumed = int(args.get("consumed_train_samples") or 0)
+        chunks = _model_chunks(state, path)
+        if chunks_seen is None:
+            chunks_seen = len(chunks)
+        elif len(chunks) != chunks_seen:
+            raise ValueError(f"{path} holds {len(chunks)} model chunks, other ranks {chunks_seen}")
+        report.not_converted.extend(str(k) for k in state if str(k) not in _METADATA_KEYS
+                                    and not re.match(r"^model\d*$", str(k)))
+        report.not_converted.extend(p.name for p in path.parent.iterdir() if p.name != RANK_FILE)
+        for chunk, model in enumerate(chunks):
+            scheme = detect_format(model, path) if source_format == "auto" else source_format
+            if source_format != "auto" and detect_format(model, path) != source_format:
+                raise ValueError(f"{path} looks like a {detect_format(model, path)} checkpoint, not "
+                                 f"--source-format {source_format}")
+            report.source_format = scheme
+            tensors = canonical_tensors(model, scheme, spec, version, tp, path, report)
+            shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(path)))
+        del state
+        progress.step(path.parent.name)
+    report.source_layout = (tp, pp, chunks_seen)
+    full = assemble(shards, tp, pp * chunks_seen, spec, report)
+    observe_shapes(spec, full, str(directory))
+    validate(full, spec, str(directory))
+    return FullCheckpoint(spec, full, number, consumed)
+

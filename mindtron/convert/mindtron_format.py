@@ -1,0 +1,205 @@
+"""Reading and writing mindtron checkpoints (the format of `mindtron.training.checkpointing`) offline.
+
+    <root>/latest_checkpointed_iteration.txt
+    <root>/iter_0000100/mp_rank_00[_000]/model.safetensors   this rank's parameters by GPTModel's names
+    <root>/iter_0000100/mp_rank_00[_000]/meta.json           iteration, layout, args (model_config), CRC32s
+
+A written checkpoint holds weights only (no optimizer state, scheduler or RNG state), so training loads it
+with --finetune, or with --no-load-optim --no-load-rng to keep the iteration count. The iteration directory
+is built under a temporary name and renamed into place, then the tracker file is replaced: an interrupted
+conversion leaves any earlier checkpoint in `root` untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from mindtron.convert import names as N
+from mindtron.convert.model_state import FullCheckpoint, ShardState, assemble, observe_shapes, validate
+from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.shards import check_target_layout, plan_stages, repad_vocab, split_stage, stage_tensors
+from mindtron.convert.spec import spec_from_mindtron_args
+from mindtron.training.checkpointing import FORMAT_VERSION, TRACKER, iteration_dir, mp_rank_name, read_latest_iteration
+
+MODEL_FILE = "model.safetensors"
+_RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
+_CHUNK = re.compile(r"^model(\d+)\.(.+)$")
+
+
+def file_crc32(path: Path) -> int:
+    """CRC32 of a file's bytes (what meta.json records per file)."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def is_mindtron_checkpoint(load_dir) -> bool:
+    """Whether `load_dir` looks like a mindtron checkpoint (safetensors + meta.json per rank)."""
+    root = Path(load_dir)
+    return any(root.glob(f"iter_*/mp_rank_*/{MODEL_FILE}")) or any(root.glob(f"mp_rank_*/{MODEL_FILE}"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------
+def read_mindtron_checkpoint(load_dir, overrides: Mapping[str, Any], report: ConversionReport,
+                             iteration: Optional[int] = None, show_progress: bool = True) -> FullCheckpoint:
+    """The whole model of a mindtron checkpoint (any tensor x pipeline x virtual layout)."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--load-dir {root} does not exist")
+    if iteration is None:
+        iteration = read_latest_iteration(str(root))
+        if iteration is None:
+            raise FileNotFoundError(f"no {TRACKER} in {root}; pass --iteration N")
+    directory = iteration_dir(str(root), iteration)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist (iteration {iteration})")
+    ranks = {}
+    for sub in sorted(directory.iterdir()):
+        match = _RANK_DIR.match(sub.name)
+        if match and sub.is_dir():
+            ranks[(int(match.group(1)), int(match.group(2) or 0))] = sub
+    if not ranks:
+        raise FileNotFoundError(f"{directory} holds no mp_rank_* folders")
+    tp, pp = 1 + max(t for t, _ in ranks), 1 + max(p for _, p in ranks)
+    report.source, report.source_format, report.iteration = str(root), "mindtron", iteration
+    report.files_read = len(ranks)
+    progress = Progress(len(ranks), "reading", show_progress)
+    shards: List[ShardState] = []
+    spec, consumed, chunks_seen = None, 0, None
+    for (tp_rank, pp_rank), sub in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        meta_path, model_path = sub / "meta.json", sub / MODEL_FILE
+        if not meta_path.is_file() or not model_path.is_file():
+            raise FileNotFoundError(f"{sub} lacks meta.json or {MODEL_FILE}: the checkpoint is incomplete")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e}); the file is corrupt") from None
+        saved_crc = (meta.get("crc32") or {}).get(MODEL_FILE)
+        if saved_crc is not None and file_crc32(model_path) != saved_crc:
+            raise ValueError(f"CRC mismatch in {model_path}: the file is corrupt (copy it again)")
+        layout = meta.get("layout") or {}
+        if (layout.get("tp", tp), layout.get("pp", pp)) != (tp, pp):
+            raise ValueError(f"{meta_path} records tensor x pipeline {layout.get('tp')} x {layout.get('pp')} but "
+                             f"{directory} holds {tp} x {pp} rank folders")
+        if spec is None:
+            spec = spec_from_mindtron_args(meta.get("args") or {}, overrides, str(meta_path))
+            consumed = int(meta.get("consumed_samples") or 0)
+        try:
+            weights = load_file(str(model_path))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{model_path} cannot be read ({e}); the file is corrupt") from None
+        report.not_converted.extend(p.name for p in sub.iterdir() if p.name not in (MODEL_FILE, "meta.json"))
+        chunks: Dict[int, Dict[str, np.ndarray]] = {}
+        for name, tensor in weights.items():
+            match = _CHUNK.match(name)
+            chunk, local = (int(match.group(1)), match.group(2)) if match else (0, name)
+            if not N.is_canonical(local):
+                raise ValueError(f"{model_path}: cannot place tensor {name}: it is not a parameter of mindtron's GPT")
+            chunks.setdefault(chunk, {})[local] = tensor
+            report.placed += 1
+        if chunks_seen is None:
+            chunks_seen = len(chunks)
+        for chunk, tensors in chunks.items():
+            shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(model_path)))
+        progress.step(sub.name)
+    report.source_layout = (tp, pp, chunks_seen)
+    full = assemble(shards, tp, pp * chunks_seen, spec, report)
+    observe_shapes(spec, full, str(directory))
+    validate(full, spec, str(directory))
+    return FullCheckpoint(spec, full, iteration, consumed)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------
+def target_tensors(full: FullCheckpoint, tp: int) -> Dict[str, np.ndarray]:
+    """The whole model with its vocabulary tables padded for tensor-parallel size `tp`."""
+    rows = full.spec.vocab_rows_for(tp)
+    tensors = dict(full.tensors)
+    for name in (N.WORD, N.OUTPUT):
+        if name in tensors:
+            tensors[name] = repad_vocab(tensors[name], rows, full.spec.true_vocab_size, name)
+    return tensors
+
+
+def _write_rank(directory: Path, weights: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
+    directory.mkdir(parents=True)
+    save_file(weights, str(directory / MODEL_FILE))
+    meta = {**meta, "crc32": {MODEL_FILE: file_crc32(directory / MODEL_FILE)}}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def replace_iteration_dir(root: Path, iteration_name: str, build) -> Path:
+    """Build <root>/<iteration_name> with `build(tmp_dir)` under a temporary name, then swap it in."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / iteration_name
+    tmp = root / (iteration_name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    build(tmp)
+    old = root / (iteration_name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_tracker(root: Path, text: str) -> None:
+    """Replace <root>/latest_checkpointed_iteration.txt atomically."""
+    tmp = root / (TRACKER + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, root / TRACKER)
+
+
+def write_mindtron_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, report: ConversionReport,
+                              num_layer_list: Optional[Sequence[int]] = None, source_info: Optional[dict] = None,
+                              show_progress: bool = True) -> List[Path]:
+    """Write `full` as a mindtron checkpoint for tensor x pipeline parallel `tp` x `pp`; returns the files."""
+    spec = full.spec
+    check_target_layout(spec.config(), tp, pp, num_layer_list)
+    config = spec.config(spec.vocab_rows_for(tp), num_layer_list=list(num_layer_list) if num_layer_list else None)
+    tensors = target_tensors(full, tp)
+    plans = plan_stages(config.num_layers, pp, num_layer_list)
+    root = Path(save_dir)
+    args = {"model_config": dataclasses.asdict(config),
+            "dataset_config": {"tokenizer_type": spec.tokenizer_type},
+            "vocabulary": {"true_vocab_size": spec.true_vocab_size,
+                           "make_vocab_size_divisible_by": spec.make_vocab_size_divisible_by},
+            "converted_from": source_info or {}}
+    meta = {"format_version": FORMAT_VERSION, "iteration": full.iteration, "consumed_samples": full.consumed_samples,
+            "scheduler": None, "loss_scaler": None, "rng": None,
+            "layout": {"tp": tp, "pp": pp, "cp": 1, "ep": 1, "dp": 1, "vpp": None}, "args": args}
+    progress = Progress(tp * pp, "writing", show_progress)
+    written: List[Path] = []
+
+    def build(tmp: Path) -> None:
+        for plan in plans:
+            stage = stage_tensors(tensors, plan, spec.untied, pp)
+            for tp_rank, weights in enumerate(split_stage(stage, tp, spec.gated)):
+                name = mp_rank_name(tp_rank, plan.rank, pp)
+                _write_rank(tmp / name, weights, meta)
+                written.append(Path(name) / MODEL_FILE)
+                progress.step(name)
+
+    iteration_name = iteration_dir(str(root), full.iteration).name
+    final = replace_iteration_dir(root, iteration_name, build)
+    write_tracker(root, str(full.iteration))
+    report.target, report.target_format, report.target_layout = str(root), "mindtron", (tp, pp)
+    report.vocab_rows = (spec.source_vocab_rows, config.vocab_size)
+    report.written = [str(final / w) for w in written]
+    return [final / w for w in written]

@@ -1,0 +1,107 @@
+"""What a conversion did (the summary the command prints) and a small progress bar."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, TextIO, Tuple
+
+
+class Progress:
+    """A one-line progress bar on stderr: redrawn in place on a terminal, one line per quarter otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, stream: Optional[TextIO] = None, width: int = 30):
+        self.total, self.label, self.width = max(int(total), 1), label, width
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.done = 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._printed_quarter = -1
+
+    def step(self, what: str = "") -> None:
+        """One item finished (`what` names it)."""
+        self.done += 1
+        if not self.enabled:
+            return
+        filled = int(self.width * self.done / self.total)
+        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {what}"
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120))
+            if self.done >= self.total:
+                self.stream.write("\n")
+        else:
+            quarter = 4 * self.done // self.total
+            if quarter != self._printed_quarter:
+                self._printed_quarter = quarter
+                self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class ConversionReport:
+    """Everything a conversion decided: read, placed, ignored, written, and what to watch out for."""
+
+    source: str = ""
+    source_format: str = ""
+    source_layout: Tuple[int, int, int] = (1, 1, 1)  # tp, pp, virtual chunks
+    checkpoint_version: Optional[int] = None
+    iteration: int = 0
+    files_read: int = 0
+    placed: int = 0
+    """Source tensors that became (part of) a model parameter."""
+    ignored: Dict[str, List[str]] = field(default_factory=dict)
+    """reason -> source entries skipped for it."""
+    not_converted: List[str] = field(default_factory=list)
+    """Top-level checkpoint entries that are not model weights (optimizer state, RNG, ...)."""
+    placeholders: Dict[str, int] = field(default_factory=dict)
+    """Classes the safe reader did not load (kept inert), with counts."""
+    warnings: List[str] = field(default_factory=list)
+    model: str = ""
+    parameters: int = 0
+    values: int = 0
+    vocab_rows: Tuple[int, int] = (0, 0)  # source, target
+    target: str = ""
+    target_format: str = ""
+    target_layout: Tuple[int, int] = (1, 1)
+    written: List[str] = field(default_factory=list)
+    verify: Optional[Dict[str, float]] = None
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+    def ignore(self, reason: str, entry: str) -> None:
+        """Record a skipped source entry."""
+        self.ignored.setdefault(reason, []).append(entry)
+
+    def warn(self, message: str) -> None:
+        """Record something the user should know."""
+        self.warnings.append(message)
+
+    def summary(self) -> str:
+        """The multi-line summary printed at the end of a conversion."""
+        tp, pp, chunks = self.source_layout
+        vpp = f" x {chunks} virtual stages" if chunks > 1 else ""
+        version = f", checkpoint version {self.checkpoint_version}" if self.checkpoint_version is not None else ""
+        lines = [
+            f"converted {self.source_format} checkpoint {self.source} (iteration {self.iteration}, "
+            f"TP={tp} x PP={pp}{vpp}{version}, files read: {self.files_read})",
+            f"  into {self.target_format} checkpoint {self.target} (TP={self.target_layout[0]} x "
+            f"PP={self.target_layout[1]}, files written: {len(self.written)})",
+            f"  model: {self.model}",
+            f"  weights: {self.placed} source tensors placed into {self.parameters} parameters "
+            f"({self.values:,} values); vocabulary rows {self.vocab_rows[0]} -> {self.vocab_rows[1]}",
+        ]
+        for reason, entries in sorted(self.ignored.items()):
+            lines.append(f"  ignored {len(entries)} entries: {reason} (e.g. {entries[0]})")
+        if self.not_converted:
+            lines.append(f"  not converted (not model weights): {', '.join(sorted(set(self.not_converted)))}")
+        if self.placeholders:
+            lines.append("  objects the safe reader kept as inert placeholders (outside the model weights): "
+                         + ", ".join(sorted(self.placeholders)))
+        for message in self.warnings:
+            lines.append(f"  warning: {message}")
+        if self.verify is not None:
+            v = self.verify
+            lines.append(f"  verify: logits of the converted model match the source weights' (max abs diff "
+                         f"{v['max_abs_diff']:.3g}, relative {v['relative']:.3g}, {int(v['tokens'])} tokens)")
+        lines.append(f"  done in {self.seconds:.1f} s")
+        return "\n".join(lines)

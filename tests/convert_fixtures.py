@@ -1,0 +1,236 @@
+"""Megatron-LM checkpoints for the converter tests, laid out from Megatron's documented formats by code written
+here (independent of mindtron.convert): whole-model weights by Megatron's legacy names, split over tensor and
+pipeline ranks, named as the legacy model (new or old spellings, checkpoint versions 0-3) or Megatron-Core
+(local or Transformer Engine layers), and saved with torch.save or with the byte-level writer in
+convert_bytes.py."""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+
+from model_configs import make_config
+
+LAYER = "language_model.encoder.layers."
+
+
+def config(name: str, **overrides):
+    """A tiny model config from tests/model_configs.py, compiled-layer free (faster single forwards)."""
+    return make_config(name, jit_layers=False, **overrides)
+
+
+def random_weights(cfg, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Every parameter of the whole model (GPTModel's names), random including norms, as float32."""
+    from mindtron.legacy_model import GPTModel
+    from mindtron.parallel_core import parallel_state as ps
+
+    owned = not ps.model_parallel_is_initialized()
+    if owned:
+        ps.initialize_model_parallel()
+    try:
+        names = {n: tuple(p.shape) for n, p in GPTModel(cfg).parameters_and_names()}
+    finally:
+        if owned:
+            ps.destroy_model_parallel()
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in sorted(names.items()):
+        base = 1.0 if name.endswith("norm.weight") else 0.0
+        out[name] = (base + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Splitting as Megatron's layers do
+# --------------------------------------------------------------------------------------------------------
+def _tp_pieces(name: str, array: np.ndarray, tp: int, swiglu: bool):
+    if name.endswith(("word_embeddings.weight", "output_layer.weight", "query_key_value.weight",
+                      "query_key_value.bias")):
+        return np.split(array, tp, 0)
+    if ".dense_h_to_4h." in name:
+        if not swiglu:
+            return np.split(array, tp, 0)
+        gate, up = np.split(array, 2, 0)
+        return [np.concatenate([g, u]) for g, u in zip(np.split(gate, tp), np.split(up, tp))]
+    if name.endswith(("self_attention.dense.weight", "dense_4h_to_h.weight")):
+        return np.split(array, tp, 1)
+    return [array] * tp
+
+
+def _old_qkv_order(shard: np.ndarray, version: int, heads_per_rank: int, head_dim: int) -> np.ndarray:
+    """A version-2 shard ([np_l, 3, hn] rows) in version 0 ([3, np_l, hn]) or version 1 ([np_l, hn, 3]) order."""
+    rest = shard.shape[1:]
+    grouped = shard.reshape((heads_per_rank, 3, head_dim) + rest)
+    axes = (1, 0, 2) if version == 0 else (0, 2, 1)
+    return np.ascontiguousarray(grouped.transpose(axes + tuple(range(3, grouped.ndim)))).reshape(shard.shape)
+
+
+def megatron_shards(cfg, weights: Dict[str, np.ndarray], tp: int, pp: int,
+                    version: int = 3) -> Dict[Tuple[int, int], Dict[str, np.ndarray]]:
+    """(tensor rank, pipeline rank) -> that rank's tensors by legacy name, layers numbered per stage."""
+    per_stage = cfg.num_layers // pp
+    swiglu = cfg.hidden_act == "swiglu"
+    out = {(t, p): {} for t in range(tp) for p in range(pp)}
+    for name, array in weights.items():
+        if name.startswith(LAYER):
+            index, rest = name[len(LAYER):].split(".", 1)
+            stage, local = divmod(int(index), per_stage)
+            stages = [(stage, f"{LAYER}{local}.{rest}")]
+        elif "embedding" in name:
+            stages = [(0, name)]
+            if name.endswith("word_embeddings.weight") and pp > 1 and not cfg.untie_embeddings_and_output_weights:
+                stages.append((pp - 1, "word_embeddings_for_head.weight"))
+        else:
+            stages = [(pp - 1, name)]
+        for stage, local in stages:
+            for t, piece in enumerate(_tp_pieces(name, array, tp, swiglu)):
+                if "query_key_value" in name and version < 2:
+                    piece = _old_qkv_order(piece, version, cfg.num_attention_heads // tp, cfg.kv_channels)
+                out[(t, stage)][local] = np.ascontiguousarray(piece)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Naming
+# --------------------------------------------------------------------------------------------------------
+def legacy_model_state(tensors: Dict[str, np.ndarray], old_names: bool = False) -> dict:
+    """The nested dict Megatron's legacy GPTModel.state_dict_for_save_checkpoint returns."""
+    lm, embedding, encoder, top = {}, {}, {}, {}
+    for name, array in tensors.items():
+        if name == "word_embeddings_for_head.weight":
+            top["word_embeddings_for_head"] = {"weight": array}
+        elif name.startswith("language_model.embedding."):
+            table = name.split(".")[2]
+            embedding[table] = {"weight": array}
+        elif name.startswith("language_model.encoder."):
+            key = name[len("language_model.encoder."):]
+            if old_names:
+                key = (key.replace("input_norm", "input_layernorm").replace("post_attention_norm",
+                                                                               "post_attention_layernorm")
+                       .replace("final_norm", "final_layernorm").replace("self_attention.", "attention."))
+            encoder[key] = array
+        elif name == "language_model.output_layer.weight":
+            lm["output_layer"] = {"weight": array}
+        else:
+            raise KeyError(name)
+    if embedding:
+        lm["embedding"] = embedding
+    lm["transformer" if old_names else "encoder"] = encoder
+    return {"language_model": lm, **top}
+
+
+_CORE = [("input_norm.", "self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+         ("self_attention.query_key_value.", "self_attention.linear_qkv.", None),
+         ("self_attention.dense.", "self_attention.linear_proj.", None),
+         ("post_attention_norm.", "mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
+         ("mlp.dense_h_to_4h.", "mlp.linear_fc1.", None),
+         ("mlp.dense_4h_to_h.", "mlp.linear_fc2.", None)]
+
+
+def core_model_state(tensors: Dict[str, np.ndarray], transformer_engine: bool = True,
+                     extra_state=lambda: io.BytesIO(b"fp8-meta")) -> dict:
+    """Megatron-Core's flat state dict (Transformer Engine's fused norm names, or the local layers')."""
+    out = {}
+    for name, array in tensors.items():
+        if name == "language_model.embedding.word_embeddings.weight":
+            out["embedding.word_embeddings.weight"] = array
+        elif name == "language_model.embedding.position_embeddings.weight":
+            out["embedding.position_embeddings.weight"] = array
+        elif name in ("language_model.output_layer.weight", "word_embeddings_for_head.weight"):
+            out["output_layer.weight"] = array
+        elif name.startswith("language_model.encoder.final_norm."):
+            out["decoder.final_layernorm." + name.rsplit(".", 1)[1]] = array
+        else:
+            index, rest = name[len(LAYER):].split(".", 1)
+            for legacy, te, local in _CORE:
+                if rest.startswith(legacy):
+                    new = (te if transformer_engine or local is None else local) + rest[len(legacy):]
+                    out[f"decoder.layers.{index}.{new}"] = array
+                    break
+            else:
+                raise KeyError(name)
+    if transformer_engine:
+        layers = sorted({k.split(".")[2] for k in out if k.startswith("decoder.layers.")})
+        for index in layers:
+            for module in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                           "mlp.linear_fc2", "self_attention.core_attention"):
+                out[f"decoder.layers.{index}.{module}._extra_state"] = extra_state()
+    return out
+
+
+def megatron_args(cfg, tp: int, pp: int, **extra) -> dict:
+    """The argument namespace Megatron-LM stores (the fields the converter and Megatron's checks read)."""
+    args = dict(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, group_query_attention=cfg.group_query_attention,
+        num_query_groups=cfg.num_query_groups if cfg.group_query_attention else 1, kv_channels=cfg.kv_channels,
+        max_position_embeddings=cfg.max_position_embeddings, seq_length=cfg.seq_length,
+        encoder_seq_length=cfg.seq_length, padded_vocab_size=cfg.vocab_size, make_vocab_size_divisible_by=64,
+        position_embedding_type=cfg.position_embedding_type, add_position_embedding=True,
+        rotary_base=int(cfg.rotary_base), rotary_percent=cfg.rotary_percent, normalization=cfg.normalization,
+        norm_epsilon=cfg.norm_epsilon, swiglu=cfg.hidden_act == "swiglu", squared_relu=False, openai_gelu=False,
+        bias_gelu_fusion=True, add_bias_linear=cfg.add_bias_linear, add_qkv_bias=False,
+        untie_embeddings_and_output_weights=cfg.untie_embeddings_and_output_weights,
+        apply_query_key_layer_scaling=False, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        tokenizer_type="GPT2BPETokenizer", consumed_train_samples=640, iteration=20, lr=3e-4,
+        transformer_impl="transformer_engine", num_experts=None)
+    args.update(extra)
+    return args
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Saving with torch.save (PyTorch is a test-only dependency)
+# --------------------------------------------------------------------------------------------------------
+def save_with_torch(root: Path, models: Dict[Tuple[int, int], dict], args: dict, iteration: int = 20,
+                    version=3.0, release: bool = False, dtype: str = "float32", extras: bool = True) -> Path:
+    """Write one model_optim_rng.pt per rank with torch.save, as Megatron's save_checkpoint does."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+
+    def to_torch(obj):
+        if isinstance(obj, np.ndarray):
+            return torch.from_numpy(obj).to(torch_dtype) if obj.dtype == np.float32 else torch.from_numpy(obj)
+        if isinstance(obj, dict):
+            return {k: to_torch(v) for k, v in obj.items()}
+        return obj
+
+    pp = 1 + max(p for _, p in models)
+    directory = root / ("release" if release else f"iter_{iteration:07d}")
+    namespace = argparse.Namespace(**args, params_dtype=torch_dtype)
+    for (t, p), model in models.items():
+        state = {"args": namespace, "iteration": iteration, "model": to_torch(model)}
+        if version:  # version 0 checkpoints predate the field
+            state["checkpoint_version"] = version
+        if extras:  # what Megatron also saves: optimizer, scheduler and RNG states (not converted)
+            state["optimizer"] = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}
+            state["opt_param_scheduler"] = {"num_steps": 640}
+            state["rng_state"] = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                                   "torch_rng_state": torch.get_rng_state()}]
+        path = directory / rank_dir(t, p, pp) / "model_optim_rng.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    (root / "latest_checkpointed_iteration.txt").write_text("release" if release else str(iteration))
+    return directory
+
+
+def build_checkpoint(root: Path, name: str, tp: int, pp: int, scheme: str = "legacy", version: float = 3.0,
+                     seed: int = 0, old_names: bool = False, transformer_engine: bool = True, **save_kwargs):
+    """(config, whole-model weights, checkpoint directory) of a torch.save'd Megatron checkpoint."""
+    cfg = config(name)
+    weights = random_weights(cfg, seed)
+    shards = megatron_shards(cfg, weights, tp, pp, int(version) if version is not None else 0)
+    if scheme == "legacy":
+        models = {k: legacy_model_state(v, old_names) for k, v in shards.items()}
+    else:
+        models = {k: core_model_state(v, transformer_engine) for k, v in shards.items()}
+    save_with_torch(root, models, megatron_args(cfg, tp, pp), version=version, **save_kwargs)
+    return cfg, weights, root
