@@ -152,7 +152,8 @@ def test_command_line_flags_override_the_stored_arguments(tmp_path):
     cfg = F.config("llama")
     weights = F.random_weights(cfg)
     args = F.megatron_args(cfg, 1, 1)
-    for key in ("swiglu", "ffn_hidden_size", "group_query_attention", "num_query_groups"):
+    for key in ("swiglu", "ffn_hidden_size", "group_query_attention", "num_query_groups", "seq_length",
+                "encoder_seq_length"):
         del args[key]  # as if an older or hand-made checkpoint lacked them
     shards = F.megatron_shards(cfg, weights, 1, 1)
     F.save_with_torch(tmp_path / "src", {k: F.core_model_state(v) for k, v in shards.items()}, args)
@@ -191,6 +192,7 @@ def test_round_trip_to_megatron_format_is_bit_exact(tmp_path):
                         "add_position_embedding", "untie_embeddings_and_output_weights", "ffn_hidden_size"):
                 assert getattr(stored, key) == getattr(original["args"], key), key
             assert (stored.tensor_model_parallel_size, stored.pipeline_model_parallel_size) == (2, 2)
+            assert stored.use_legacy_models and stored.ckpt_format == "torch"  # what the files hold
 
 
 def _flatten(tree, prefix=""):
@@ -259,3 +261,30 @@ def test_pretrain_loads_a_converted_checkpoint(tmp_path):
     assert set(seen) == set(weights)
     for key, value in weights.items():
         np.testing.assert_array_equal(seen[key], value, err_msg=key)
+
+
+def test_mindtron_checkpoint_with_every_option_reshards_and_verifies(tmp_path):
+    """A checkpoint saved by mindtron's own save_checkpoint (sandwich norm, partial rotary, QKV bias only, exact
+    GeLU, layer scaling, 3 layers) resharded to TP=2 x PP=3, verified, and merged back to the same weights;
+    Megatron's format has no sandwich norm, so writing it there is refused."""
+    import dataclasses
+
+    cfg = F.config("options")
+    ps.initialize_model_parallel()
+    try:
+        tp.model_parallel_seed(11)
+        model = GPTModel(cfg)
+        checkpointing.save_checkpoint(str(tmp_path / "src"), 5, model,
+                                      args={"model_config": dataclasses.asdict(cfg)})
+        weights = {n: p.asnumpy() for n, p in model.parameters_and_names()}
+    finally:
+        ps.destroy_model_parallel()
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "dst", 2, 3, verify=True)
+    assert report.source_format == "mindtron" and report.verify["relative"] < 1e-5
+    full = read_checkpoint(tmp_path / "dst")
+    assert full.spec.config().use_sandwich_norm and full.spec.config().rotary_percent == 0.5
+    for key, value in weights.items():
+        np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
+    with pytest.raises(ValueError, match=r"attn_post_norm.(weight|bias) has no place in Megatron's legacy GPT"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "meg", target_format="megatron-legacy")
+    assert not (tmp_path / "meg").exists()  # refused before anything was written

@@ -73,8 +73,11 @@ def convert_checkpoint(load_dir, save_dir, target_tp: int = 1, target_pp: int = 
     if verify:
         written = read_checkpoint(save_dir, "mindtron" if target_format == "mindtron" else "megatron-legacy",
                                   reader="python")
-        report.verify = verify_logits(full.spec.config(), full.tensors, written.spec.config(), written.tensors,
-                                      full.spec.true_vocab_size, tolerance=verify_tolerance)
+        try:
+            report.verify = verify_logits(full.spec.config(), full.tensors, written.spec.config(), written.tensors,
+                                          full.spec.true_vocab_size, tolerance=verify_tolerance)
+        except ValueError as e:
+            raise ValueError(f"{e}. The files in {save_dir} were written but should not be used") from None
     report.seconds = time.time() - start
     return report
 

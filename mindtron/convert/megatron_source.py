@@ -214,6 +214,8 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
             if source_format != "auto" and detect_format(model, path) != source_format:
                 raise ValueError(f"{path} looks like a {detect_format(model, path)} checkpoint, not "
                                  f"--source-format {source_format}")
+            if report.source_format and report.source_format != scheme:
+                raise ValueError(f"{path} uses {scheme} names but earlier files {report.source_format} names")
             report.source_format = scheme
             tensors = canonical_tensors(model, scheme, spec, version, tp, path, report)
             shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(path)))

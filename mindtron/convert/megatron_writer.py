@@ -26,6 +26,11 @@ from mindtron.convert.torch_writer import write_torch_file
 
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+# Stored arguments of the source that describe its own layout, not the written one: dropped.
+_SOURCE_LAYOUT_ARGS = {"model_parallel_size", "data_parallel_size", "world_size", "rank", "local_rank",
+                       "num_layers_per_virtual_pipeline_stage", "pipeline_model_parallel_split_rank",
+                       "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers", "num_layer_list",
+                       "expert_model_parallel_size", "context_parallel_size", "true_vocab_size"}
 
 
 def megatron_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -38,16 +43,17 @@ def megatron_args(full: FullCheckpoint, tp: int, pp: int) -> argparse.Namespace:
     spec = full.spec
     rows = spec.vocab_rows_for(tp)
     config = spec.config(rows)
-    args = {k: v for k, v in spec.stored_args.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    args = {k: v for k, v in spec.stored_args.items() if isinstance(v, (bool, int, float, str, type(None)))
+            and k not in _SOURCE_LAYOUT_ARGS}
     args.update(megatron_args_from_config(config))
     args.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                 virtual_pipeline_model_parallel_size=None, padded_vocab_size=rows,
                 make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
                 iteration=full.iteration, consumed_train_samples=full.consumed_samples, consumed_valid_samples=0,
-                skipped_train_samples=0)
+                skipped_train_samples=0, use_mcore_models=False, use_legacy_models=True, transformer_impl="local",
+                ckpt_format="torch")
     if spec.tokenizer_type is not None:
         args["tokenizer_type"] = spec.tokenizer_type
-    args.pop("true_vocab_size", None)
     return argparse.Namespace(**args)
 
 
@@ -57,6 +63,7 @@ def write_megatron_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, 
     spec = full.spec
     check_target_layout(spec.config(), tp, pp, None)
     config = spec.config(spec.vocab_rows_for(tp))
+    legacy_state(dict.fromkeys(full.tensors))  # every tensor has a place in the legacy model, or an error now
     tensors = target_tensors(full, tp)
     args = megatron_args(full, tp, pp)
     if not release and full.iteration < 1:

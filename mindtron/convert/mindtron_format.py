@@ -149,7 +149,11 @@ def replace_iteration_dir(root: Path, iteration_name: str, build) -> Path:
     tmp = root / (iteration_name + ".converting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = root / (iteration_name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -78,12 +78,12 @@ def config_fields_from_megatron(args: Mapping[str, Any]) -> Dict[str, Any]:
     if positions not in ("learned_absolute", "rope", "none"):
         raise ValueError(f"--position-embedding-type {positions!r} is not supported by mindtron (learned_absolute, "
                          "rope, none)")
-    seq = args.get("seq_length") or args.get("encoder_seq_length") or args.get("max_position_embeddings") or 1024
+    seq = args.get("seq_length") or args.get("encoder_seq_length")  # else: from the position table (config())
     add_bias = bool(_value(args, "add_bias_linear", True))
     fields = dict(
         num_layers=int(args["num_layers"]), hidden_size=hidden, num_attention_heads=heads,
         group_query_attention=gqa, num_query_groups=int(args["num_query_groups"]) if gqa else None,
-        kv_channels=int(kv), ffn_hidden_size=int(ffn), seq_length=int(seq),
+        kv_channels=int(kv), ffn_hidden_size=int(ffn), seq_length=int(seq) if seq else None,
         max_position_embeddings=args.get("max_position_embeddings"), position_embedding_type=positions,
         rotary_base=float(_value(args, "rotary_base", 10000)), rotary_percent=float(_value(args, "rotary_percent", 1.0)),
         normalization=_value(args, "normalization", "LayerNorm"),
@@ -168,7 +168,10 @@ class ModelSpec:
         rows = vocab_rows if vocab_rows is not None else self.source_vocab_rows
         if rows is None:
             raise ValueError("the vocabulary size is not known yet (no word embedding was read)")
-        return TransformerConfig(**{**self.fields, "vocab_size": int(rows), **changes})
+        fields = {**self.fields, "vocab_size": int(rows), **changes}
+        if fields.get("seq_length") is None:  # not stored: as long as the position table allows
+            fields["seq_length"] = fields.get("max_position_embeddings") or 1024
+        return TransformerConfig(**fields)
 
     def vocab_rows_for(self, tp: int) -> int:
         """Rows of the word embedding for a target with tensor-parallel size `tp` (Megatron's padding)."""

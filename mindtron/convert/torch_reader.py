@@ -375,7 +375,10 @@ def load_torch_file(path, reader: str = "auto") -> Tuple[Any, Dict[str, int]]:
     if reader not in ("auto", "python", "torch"):
         raise ValueError(f"--reader {reader!r}: use auto, python or torch")
     if reader == "auto":
-        is_zip = path.is_file() and path.open("rb").read(4) == ZIP_MAGIC
+        is_zip = False
+        if path.is_file():
+            with open(path, "rb") as f:
+                is_zip = f.read(4) == ZIP_MAGIC
         reader = "torch" if (not is_zip and path.is_file() and torch_available()) else "python"
     if reader == "python":
         return read_torch_file_with_report(path)
