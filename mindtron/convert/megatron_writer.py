@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from mindtron.convert.mindtron_format import replace_iteration_dir, target_tensors, write_tracker
 from mindtron.convert.model_state import FullCheckpoint
