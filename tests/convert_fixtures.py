@@ -20,7 +20,11 @@ LAYER = "language_model.encoder.layers."
 
 def config(name: str, **overrides):
     """A tiny model config from tests/model_configs.py, compiled-layer free (faster single forwards)."""
-    return make_config(name, jit_layers=False, **overrides)
+    import dataclasses
+    from mindtron.legacy_model import TransformerConfig
+    if "jit_layers" in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        overrides.setdefault("jit_layers", False)
+    return make_config(name, **overrides)
 
 
 def random_weights(cfg, seed: int = 0) -> Dict[str, np.ndarray]:

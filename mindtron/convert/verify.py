@@ -157,7 +157,8 @@ def verify_logits(source_config, source_tensors: Dict[str, np.ndarray], target_c
 def _for_checking(config, seq: int):
     import dataclasses
 
+    optional = {f.name: False for f in dataclasses.fields(config) if f.name == "jit_layers"}
     return dataclasses.replace(config, seq_length=seq, attention_dropout_rate=0.0, hidden_dropout_rate=0.0,
-                               jit_layers=False, sequence_parallel=False, recompute_granularity=None,
+                               **optional, sequence_parallel=False, recompute_granularity=None,
                                recompute_method=None, num_layer_list=None, params_dtype="float32",
                                compute_dtype="float32", embedding_init_dtype="float32", use_flash_attention=False)
