@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindtron.legacy_model.fused import use_fused
-from mindtron.legacy_model.rotary import apply_rotary_pos_emb
+from mindtron.legacy_model.rotary import rotate
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.utils import divide, expand_last
@@ -85,12 +85,15 @@ class CoreAttention(nn.Cell):
         self.batch_matmul_t = ops.BatchMatMul(transpose_b=True)
         self.softmax = Softmax()
 
-    def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        if self.rng_replay is not None:  # selective recompute: replay the forward's dropout masks
+    def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                  dropout_mask: Optional[Tensor] = None) -> Tensor:
+        """`dropout_mask` [b, np_l, s, s] (tp.dropout_mask; the transformer layer draws it) replaces drawing
+        one here. A mask drawn here under selective recompute is replayed on the recompute pass."""
+        if self.rng_replay is not None and dropout_mask is None and self.training and self.dropout_p > 0.0:
             return self.rng_replay(self._forward, query, key, value, attention_mask)
-        return self._forward(query, key, value, attention_mask)
+        return self._forward(query, key, value, attention_mask, dropout_mask)
 
-    def _forward(self, query, key, value, attention_mask):
+    def _forward(self, query, key, value, attention_mask, dropout_mask=None):
         # query/key/value: [s, b, np_l, hn] (key/value already expanded to np_l heads)
         s, b, n, hn = query.shape
         q = ops.transpose(query, (1, 2, 0, 3))  # [b, np_l, s, hn]
@@ -107,10 +110,12 @@ class CoreAttention(nn.Cell):
         if mask is not None and self.attn_mask_type != AttnMaskType.no_mask:
             # tiled to the scores' shape: masked_fill with a broadcast mask is ~15x slower on CPU, forward
             # and backward (Tile costs ~1 ms)
-            mask = ops.tile(mask, tuple(n // m for n, m in zip(scores.shape, mask.shape)))
+            mask = ops.tile(mask, (b // mask.shape[0], n // mask.shape[1], 1, 1))
             scores = ops.masked_fill(scores, mask, Tensor(MASKED_SCORE, scores.dtype))
         probs = self.softmax(scores).astype(value.dtype)
-        if self.training and self.dropout_p > 0.0:
+        if dropout_mask is not None:
+            probs = probs * dropout_mask.astype(probs.dtype)
+        elif self.training and self.dropout_p > 0.0:
             with tp.get_rng_tracker().fork():  # heads are split over tp: each rank drops its own
                 probs = tp.dropout(probs, self.dropout_p)
         context = self.batch_matmul(probs, v)  # [b, np_l, s, hn]
@@ -151,7 +156,7 @@ class ParallelAttention(nn.Cell):
         self.groups_l = divide(config.num_query_groups, tp_size, "--num-query-groups over tp")
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.hn = hn
-        self.fused_rope = config.apply_rope_fusion
+        self.rope_kernel = use_fused("rope", config.apply_rope_fusion)  # decided here: construct stays plain
         compute = config.dtype("compute_dtype")
         params = config.dtype("params_dtype")
         std = config.init_method_std
@@ -176,7 +181,7 @@ class ParallelAttention(nn.Cell):
         return x.reshape(s, b, g * self.heads_per_group, hn)
 
     def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
-                  rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
+                  rotary_pos_emb: Optional[Tensor] = None, dropout_mask: Optional[Tensor] = None) -> Tensor:
         mixed, _ = self.query_key_value(hidden_states)  # [s, b, ng_l (np/ng + 2) hn]
         s, b = mixed.shape[0], mixed.shape[1]
         mixed = mixed.reshape(s, b, self.groups_l, (self.heads_per_group + 2) * self.hn)
@@ -184,13 +189,13 @@ class ParallelAttention(nn.Cell):
         query, key, value = ops.split(mixed, [q_width, self.hn, self.hn], -1)
         query = query.reshape(s, b, self.heads_l, self.hn)  # [s, b, np_l, hn]
         if rotary_pos_emb is not None:
-            query = apply_rotary_pos_emb(query, rotary_pos_emb, self.fused_rope)
-            key = apply_rotary_pos_emb(key, rotary_pos_emb, self.fused_rope)
+            query = rotate(query, rotary_pos_emb, self.rope_kernel)
+            key = rotate(key, rotary_pos_emb, self.rope_kernel)
         if self.use_flash:
             context = self.core_attention(query.reshape(s, b, -1), key.reshape(s, b, -1),
                                           value.reshape(s, b, -1), attention_mask)
         else:
             context = self.core_attention(query, self._expand_groups(key), self._expand_groups(value),
-                                          attention_mask)  # [s, b, np_l hn]
+                                          attention_mask, dropout_mask)  # [s, b, np_l hn]
         output, _ = self.dense(context)
         return output

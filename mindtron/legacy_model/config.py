@@ -144,6 +144,14 @@ class TransformerConfig:
     such list per model chunk, [[chunk0 stage0, chunk0 stage1, ...], [chunk1 stage0, ...], ...]."""
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers in each model chunk with the interleaved schedule (--num-layers-per-virtual-pipeline-stage)."""
+    jit_layers: bool = False
+    """Compile each transformer layer's computation with mindspore.jit and reuse the compiled graph every
+    call (the dynamic-graph counterpart of MindFormers' lazy inline). Faster in PyNative mode (fewer,
+    larger kernel launches); the first forward compiles each layer (about a second each on CPU). Same
+    results: dropout masks are drawn outside the compiled graph, tensor/sequence-parallel collectives run
+    inside it, recompute and the pipeline schedules work as without it. A compiled graph keeps reading a
+    parameter's buffer: write weights in place (ops.assign), not with Parameter.set_data, once a layer
+    has run."""
 
     def __post_init__(self) -> None:
         if self.use_rotary_embedding:

@@ -37,7 +37,14 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary_pos_emb(t: Tensor, freqs: Tensor, fused: bool = False) -> Tensor:
-    """Rotate the first freqs.shape[-1] channels of t [s, b, n, hn] by the angles freqs [s, 1, 1, d]."""
+    """Rotate the first freqs.shape[-1] channels of t [s, b, n, hn] by the angles freqs [s, 1, 1, d];
+    `fused` asks for MindSpore's rotary kernel where the backend has it."""
+    return rotate(t, freqs, use_fused("rope", fused))
+
+
+def rotate(t: Tensor, freqs: Tensor, kernel: bool = False) -> Tensor:
+    """apply_rotary_pos_emb with the kernel choice already made (`kernel` True only where it exists), so
+    that it also compiles inside mindspore.jit."""
     dim = freqs.shape[-1]
     if freqs.shape[0] != t.shape[0]:
         freqs = freqs[:t.shape[0]]  # angles are built for --seq-length; shorter inputs use the first rows
@@ -46,7 +53,7 @@ def apply_rotary_pos_emb(t: Tensor, freqs: Tensor, fused: bool = False) -> Tenso
         t_rot, t_pass = t, None
     else:
         t_rot, t_pass = t[..., :dim], t[..., dim:]
-    if use_fused("rope", fused):
+    if kernel:
         rotated = ops.rotary_position_embedding(t_rot, cos, sin, 0)  # SBND layout, S11D angles
     else:
         rotated = t_rot * cos + _rotate_half(t_rot) * sin

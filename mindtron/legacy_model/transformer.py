@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Sequence, Tuple
 
+import mindspore as ms
 from mindspore import Tensor, nn
 
-from mindtron.legacy_model.attention import AttnMaskType, ParallelAttention
+from mindtron.legacy_model.attention import AttnMaskType, ParallelAttention, causal_mask
 from mindtron.legacy_model.mlp import ParallelMLP
 from mindtron.legacy_model.norms import build_norm
 from mindtron.parallel_core import parallel_state as ps
@@ -61,7 +62,13 @@ def local_layer_range(config) -> Tuple[int, int]:
 
 
 class ParallelTransformerLayer(nn.Cell):
-    """One pre-norm transformer layer; `layer_number` counts from 1 over the whole model."""
+    """One pre-norm transformer layer; `layer_number` counts from 1 over the whole model.
+
+    The forward draws the layer's dropout masks (in the order the maths uses them: attention, then the
+    two residual branches) and hands them to `_compute`, the layer's maths on tensors only. With
+    `config.jit_layers` `_compute` is compiled once with mindspore.jit and replayed on every call; masks
+    drawn inside a compiled graph would be frozen, which is why they are inputs.
+    """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
         super().__init__()
@@ -69,6 +76,8 @@ class ParallelTransformerLayer(nn.Cell):
         self.rng_replay = None  # set when the layer is recomputed
         sp = config.sequence_parallel
         self.hidden_dropout = config.hidden_dropout_rate
+        self.attention_dropout = config.attention_dropout_rate
+        self.attn_mask_type = attn_mask_type
         self.input_norm = build_norm(config, sp)
         self.self_attention = ParallelAttention(config, layer_number, attn_mask_type)
         self.post_attention_norm = build_norm(config, sp)
@@ -77,11 +86,10 @@ class ParallelTransformerLayer(nn.Cell):
         if self.use_sandwich_norm:
             self.attn_post_norm = build_norm(config, sp, init_value=config.attn_post_norm_scale)
             self.ffn_post_norm = build_norm(config, sp, init_value=config.ffn_post_norm_scale)
-
-    def _residual_add(self, residual: Tensor, branch: Tensor) -> Tensor:
-        if self.training and self.hidden_dropout > 0.0:
-            branch = tp.dropout(branch, self.hidden_dropout)
-        return residual + branch.astype(residual.dtype)
+        # under sequence parallelism attention sees the whole sequence: [s/tp, b, h] -> s
+        self.sequence_factor = ps.get_tensor_model_parallel_world_size() if sp else 1
+        if config.jit_layers:
+            self._compute = ms.jit(self._compute)
 
     def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
                   rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
@@ -91,14 +99,36 @@ class ParallelTransformerLayer(nn.Cell):
 
     def _forward(self, hidden_states, attention_mask, rotary_pos_emb):
         # hidden_states: [s, b, h] ([s/tp, b, h] under sequence parallelism)
-        attention_out = self.self_attention(self.input_norm(hidden_states), attention_mask, rotary_pos_emb)
+        attention = self.self_attention
+        seq = hidden_states.shape[0] * self.sequence_factor
+        if attention_mask is None and self.attn_mask_type == AttnMaskType.causal and not attention.use_flash:
+            attention_mask = causal_mask(seq)
+        attention_drop = first_drop = second_drop = None
+        if self.training:
+            if self.attention_dropout > 0.0 and not attention.use_flash:  # flash attention drops inside
+                with tp.get_rng_tracker().fork():  # heads are split over tp: each rank drops its own
+                    attention_drop = tp.dropout_mask((hidden_states.shape[1], attention.heads_l, seq, seq),
+                                                     self.attention_dropout)
+            if self.hidden_dropout > 0.0:
+                first_drop = tp.dropout_mask(hidden_states.shape, self.hidden_dropout)
+                second_drop = tp.dropout_mask(hidden_states.shape, self.hidden_dropout)
+        return self._compute(hidden_states, attention_mask, rotary_pos_emb, attention_drop, first_drop, second_drop)
+
+    def _compute(self, hidden_states, attention_mask, rotary_pos_emb, attention_drop, first_drop, second_drop):
+        attention_out = self.self_attention(self.input_norm(hidden_states), attention_mask, rotary_pos_emb,
+                                            attention_drop)
         if self.use_sandwich_norm:
             attention_out = self.attn_post_norm(attention_out)
-        hidden_states = self._residual_add(hidden_states, attention_out)
+        hidden_states = self._residual_add(hidden_states, attention_out, first_drop)
         mlp_out = self.mlp(self.post_attention_norm(hidden_states))
         if self.use_sandwich_norm:
             mlp_out = self.ffn_post_norm(mlp_out)
-        return self._residual_add(hidden_states, mlp_out)
+        return self._residual_add(hidden_states, mlp_out, second_drop)
+
+    def _residual_add(self, residual: Tensor, branch: Tensor, drop: Optional[Tensor]) -> Tensor:
+        if drop is not None:
+            branch = branch * drop.astype(branch.dtype)
+        return residual + branch.astype(residual.dtype)
 
 
 class ParallelTransformer(nn.Cell):

@@ -28,13 +28,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
 __all__ = [
     "ProcessGroup", "Capabilities", "capabilities", "init_distributed", "is_distributed",
     "get_world_size", "get_rank", "world_group", "new_group",
     "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier", "exchange",
+    "Collective",
 ]
 
 _REDUCE_OPS = ("sum", "max", "min")
@@ -297,6 +298,57 @@ def reduce_scatter(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0
         moved = ops.moveaxis(x, dim, 0)
         return ops.moveaxis(_primitive("reduce_scatter", group)(moved), 0, dim)
     return _chunk(_sum(x, group), dim, group.rank, group.size)
+
+
+class Collective(nn.Cell):
+    """A floating-point sum all-reduce, all-gather or reduce-scatter over one group, as a Cell.
+
+    The same results as `all_reduce` / `all_gather` / `reduce_scatter`, but every choice (native op or
+    all-reduce construction, this rank's slot) is made when the Cell is built, so `construct` is plain
+    tensor code that also compiles inside `mindspore.jit` (the tensor-parallel regions of a compiled
+    transformer layer use it). `dim` may be negative. Build it on every member of `group`.
+    """
+
+    def __init__(self, kind: str, group: ProcessGroup, dim: int = 0):
+        super().__init__()
+        if kind not in ("all_reduce", "all_gather", "reduce_scatter"):
+            raise ValueError(f"Collective kind must be all_reduce, all_gather or reduce_scatter, got {kind!r}")
+        group = _resolve(group)
+        caps = capabilities()
+        self.kind, self.dim, self.size, self.index = kind, dim, group.size, max(group.rank, 0)
+        self.communicates = group.size > 1
+        # primitives of its own: this Cell may be compiled into graphs, the module's cache serves eager calls
+        self.sum = ops.AllReduce(op=ops.ReduceOp.SUM, group=group.name) if self.communicates else None
+        self.native_gather = self.communicates and (caps.all_gather_any_group or
+                                                    (caps.all_gather_world and _is_world(group)))
+        self.gather = ops.AllGather(group=group.name) if self.native_gather else None
+        self.native_scatter = self.communicates and caps.reduce_scatter and dim == 0
+        self.scatter = ops.ReduceScatter(op=ops.ReduceOp.SUM, group=group.name) if self.native_scatter else None
+
+    def construct(self, x):
+        if not self.communicates:
+            return x
+        if self.kind == "all_reduce":
+            return self.sum(x)
+        # written out rather than through the module's helpers: a helper function compiled into both a
+        # forward and a custom bprop of one graph makes MindSpore 2.10's graph compiler fail
+        dim = self.dim if self.dim >= 0 else self.dim + x.ndim
+        if self.kind == "all_gather":
+            if self.native_gather:
+                stacked = self.gather(ops.expand_dims(x, 0))  # [n, *x.shape]
+            else:
+                shape = (1,) + x.shape
+                before = ops.zeros((self.index,) + x.shape, x.dtype)
+                after = ops.zeros((self.size - self.index - 1,) + x.shape, x.dtype)
+                stacked = self.sum(ops.concat([before, x.reshape(shape), after], 0))
+            if dim == 0:
+                return stacked.reshape((self.size * x.shape[0],) + x.shape[1:])
+            moved = ops.moveaxis(stacked, 0, dim)  # [..., n, x.shape[dim], ...]
+            return moved.reshape(x.shape[:dim] + (self.size * x.shape[dim],) + x.shape[dim + 1:])
+        if self.native_scatter:
+            return self.scatter(x)
+        part = x.shape[dim] // self.size
+        return ops.narrow(self.sum(x), dim, self.index * part, part)
 
 
 def broadcast(x: Tensor, src: int, group: Optional[ProcessGroup] = None) -> Tensor:

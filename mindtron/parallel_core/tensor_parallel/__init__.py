@@ -12,4 +12,5 @@ from mindtron.parallel_core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region, scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region)
 from mindtron.parallel_core.tensor_parallel.random import (
-    RNGStatesTracker, RngReplay, dropout, forward_pass, get_rng_tracker, initial_seed, model_parallel_seed)
+    RNGStatesTracker, RngReplay, dropout, dropout_mask, forward_pass, get_rng_tracker, initial_seed,
+    model_parallel_seed)

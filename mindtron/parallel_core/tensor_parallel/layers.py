@@ -113,6 +113,11 @@ class ColumnParallelLinear(nn.Cell):
         self.bias = _parallel_parameter((output_size,), 0, stride, self.group, constant_init_method(0.0),
                                         params_dtype) if bias else None
         self.matmul = _Matmul(compute_dtype)
+        # the region moves, built once (None on one rank): construct then also compiles under mindspore.jit
+        self.input_region = mappings.region("gather_from_sequence_parallel" if sequence_parallel
+                                            else "copy_to_tensor_model_parallel", self.group)
+        self.output_region = mappings.region("gather_from_tensor_model_parallel", self.group) \
+            if gather_output else None
 
     def construct(self, x: Tensor, weight: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         if weight is None:
@@ -123,15 +128,13 @@ class ColumnParallelLinear(nn.Cell):
         elif tuple(weight.shape) != (self.output_size_per_partition, self.input_size):
             raise ValueError(f"ColumnParallelLinear: supplied weight has shape {tuple(weight.shape)}, "
                              f"expected {(self.output_size_per_partition, self.input_size)}")
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, True, self.group)
-        else:
-            x = mappings.copy_to_tensor_model_parallel_region(x, self.group)
+        if self.input_region is not None:
+            x = self.input_region(x)
         y = self.matmul(x, weight)
         if self.bias is not None and not self.skip_bias_add:
             y = add_bias(y, self.bias)
-        if self.gather_output:
-            y = mappings.gather_from_tensor_model_parallel_region(y, self.group)
+        if self.output_region is not None:
+            y = self.output_region(y)
         return y, (self.bias if self.skip_bias_add else None)
 
 
@@ -163,15 +166,17 @@ class RowParallelLinear(nn.Cell):
         self.bias = _parallel_parameter((output_size,), None, 1, self.group, constant_init_method(0.0),
                                         params_dtype, sequence_parallel=sequence_parallel) if bias else None
         self.matmul = _Matmul(compute_dtype)
+        self.input_region = None if input_is_parallel else \
+            mappings.region("scatter_to_tensor_model_parallel", self.group)
+        self.output_region = mappings.region("reduce_scatter_to_sequence_parallel" if sequence_parallel
+                                             else "reduce_from_tensor_model_parallel", self.group)
 
     def construct(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        if not self.input_is_parallel:
-            x = mappings.scatter_to_tensor_model_parallel_region(x, self.group)
-        partial = self.matmul(x, self.weight)
-        if self.sequence_parallel:
-            y = mappings.reduce_scatter_to_sequence_parallel_region(partial, self.group)
-        else:
-            y = mappings.reduce_from_tensor_model_parallel_region(partial, self.group)
+        if self.input_region is not None:
+            x = self.input_region(x)
+        y = self.matmul(x, self.weight)
+        if self.output_region is not None:
+            y = self.output_region(y)  # the partial products summed (and scattered along the sequence)
         if self.bias is not None and not self.skip_bias_add:
             y = add_bias(y, self.bias)
         return y, (self.bias if self.skip_bias_add else None)

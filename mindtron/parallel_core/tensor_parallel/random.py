@@ -155,12 +155,18 @@ class RngReplay:
             _TRACKER.set_states(now)
 
 
+def dropout_mask(shape, p: float, dtype=ms.float32) -> Tensor:
+    """The factor inverted dropout multiplies by: 0 where dropped, 1 / (1 - p) where kept, drawn from the
+    tracker's active generator. Drawing the mask apart from applying it lets a compiled layer take it as
+    an input (masks drawn inside a compiled graph would be frozen at compile time)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    keep = _TRACKER.active.random(tuple(shape), dtype=np.float32) >= p
+    return Tensor(keep.astype(np.float32) / (1.0 - p), dtype)
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout with a mask from the tracker's active generator (identity when p == 0 or eval)."""
     if not training or p == 0.0:
         return x
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    keep = _TRACKER.active.random(tuple(x.shape), dtype=np.float32) >= p
-    scale = Tensor(keep.astype(np.float32) / (1.0 - p), x.dtype)
-    return x * scale
+    return x * dropout_mask(x.shape, p, x.dtype)
