@@ -96,7 +96,9 @@ class DistributedOptimizer:
             for i, off in zip(b.indices, b.offsets):
                 p = self.params[i]
                 n = int(np.prod(p.shape, dtype=np.int64))
-                p.set_data(full[off:off + n].reshape(p.shape).astype(p.dtype))
+                # an in-place write: compiled graphs (TransformerConfig.jit_layers) keep reading the
+                # parameter's buffer, and set_data would swap it for a new one they never see
+                ops.assign(p, full[off:off + n].reshape(p.shape).astype(p.dtype))
         self._gather_pending = False
 
     def reload_main_params(self) -> None:
