@@ -3,6 +3,7 @@
     python bench/step_overhead.py                 # 17M-parameter GPT, seq 512, micro batch 4 (a few minutes)
     python bench/step_overhead.py --tiny          # seconds
     python bench/step_overhead.py --layers 2 --seq 256 --steps 4   # under a minute
+    python bench/step_overhead.py --jit-layers    # mindtron with its transformer layers compiled (ms.jit)
 
 Both run in this process, fp32, PyNative: mindtron through the machinery pretrain() uses (GPTModel, the
 Trainer's train_step with its schedule, gradient buffer, inf check, clipping at 1.0 and Megatron's AdamW), the
@@ -44,7 +45,7 @@ def main(argv=None) -> float:
     params = sum(int(p.size) for p in trainer.params)
     print(f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
           f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32, dropout {args.dropout}, "
-          f"{params / 1e6:.2f}M parameters")
+          f"{params / 1e6:.2f}M parameters; mindtron jit_layers {'on' if args.jit_layers else 'off'}")
     times = {"mindtron": [], "plain": []}
     losses = {"mindtron": [], "plain": []}
     for step in range(args.warmup + args.steps):

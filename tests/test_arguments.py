@@ -202,6 +202,7 @@ DOC002_TABLES = [
     ("untie_embeddings_and_output_weights", "model_config.untie_embeddings_and_output_weights",
      ["--untie-embeddings-and-output-weights"], True),
     ("transformer_impl", "model_config.transformer_impl", ["--transformer-impl", "local"], "local"),
+    ("enable_cuda_graph", "model_config.jit_layers", ["--enable-cuda-graph"], True),
     ("recompute_granularity", "model_config.recompute_granularity", ["--recompute-granularity", "selective"],
      "selective"),
     ("recompute_method", "model_config.recompute_method", _RC, "block"),

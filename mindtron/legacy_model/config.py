@@ -151,7 +151,7 @@ class TransformerConfig:
     results: dropout masks are drawn outside the compiled graph, tensor/sequence-parallel collectives run
     inside it, recompute and the pipeline schedules work as without it. A compiled graph keeps reading a
     parameter's buffer: write weights in place (ops.assign), not with Parameter.set_data, once a layer
-    has run."""
+    has run. Set by --enable-cuda-graph, Megatron's per-layer capture-and-replay flag."""
 
     def __post_init__(self) -> None:
         if self.use_rotary_embedding:

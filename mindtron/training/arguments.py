@@ -68,6 +68,8 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("shape_order", "model_config.fa_config.input_layout"),
     ("untie_embeddings_and_output_weights", "model_config.untie_embeddings_and_output_weights"),
     ("transformer_impl", "model_config.transformer_impl"),
+    # Megatron captures each layer as a CUDA graph and replays it; mindtron compiles each layer with jit
+    ("enable_cuda_graph", "model_config.jit_layers"),
     ("recompute_granularity", "model_config.recompute_granularity"),
     ("recompute_method", "model_config.recompute_method"),
     ("recompute_num_layers", "model_config.recompute_num_layers"),
@@ -351,7 +353,7 @@ _NOT_IMPLEMENTED_TEXT = """
     --run-workload-inspector-server
     # inference
     --inference-batch-times-seqlen-threshold --max-tokens-to-oom --output-bert-embeddings --bert-embedder-type
-    --flash-decode --enable-cuda-graph --cuda-graph-warmup-steps --external-cuda-graph --cuda-graph-impl
+    --flash-decode --cuda-graph-warmup-steps --external-cuda-graph --cuda-graph-impl
     --cuda-graph-scope --use-legacy-static-engine --inference-max-requests --inference-max-seq-length
     --inference-max-batch-size --inference-dynamic-batching --inference-dynamic-batching-buffer-size-gb
     --inference-dynamic-batching-block-size --inference-dynamic-batching-buffer-guaranteed-fraction
