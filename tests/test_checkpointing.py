@@ -20,6 +20,32 @@ def test_keep_checkpoint_max_keeps_the_newest(tmp_path):
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "6"
 
 
+def _fake_iteration(root: Path, iteration: int, complete: bool = True) -> None:
+    rank = root / f"iter_{iteration:07d}" / ("mp_rank_00" if complete else "mp_rank_00.tmp")
+    rank.mkdir(parents=True)
+    (rank / "meta.json").write_text('{"layout": {"tp": 1, "pp": 1}}')
+
+
+def test_keep_checkpoint_max_counts_complete_iterations_only(tmp_path):
+    """A crashed save (iteration 3, still .tmp) neither counts towards the kept ones nor survives; the
+    iteration just saved is always kept."""
+    for iteration, complete in ((1, True), (2, True), (3, False), (4, True)):
+        _fake_iteration(tmp_path, iteration, complete)
+    checkpointing._remove_old(str(tmp_path), 2, current=4)
+    assert _iterations(tmp_path) == [2, 4]
+    checkpointing._remove_old(str(tmp_path), 1, current=2)  # an older iteration saved again: never removed
+    assert _iterations(tmp_path) == [2, 4]
+
+
+def test_saving_an_existing_iteration_again_replaces_it(tmp_path):
+    tc.train(tc.make_config(steps=3, output_dir=str(tmp_path)))
+    first = (tmp_path / "iter_0000003" / "mp_rank_00" / "model.safetensors").read_bytes()
+    tc.train(tc.make_config(steps=3, output_dir=str(tmp_path), seed=7))
+    rank_dirs = sorted(p.name for p in (tmp_path / "iter_0000003").iterdir())
+    assert rank_dirs == ["mp_rank_00"]  # no .tmp or .old left behind
+    assert (tmp_path / "iter_0000003" / "mp_rank_00" / "model.safetensors").read_bytes() != first
+
+
 def test_crc_check_detects_a_corrupt_file(tmp_path):
     tc.train(tc.make_config(steps=4, output_dir=str(tmp_path)))
     model_file = tmp_path / "iter_0000004" / "mp_rank_00" / "model.safetensors"

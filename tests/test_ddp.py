@@ -2,6 +2,7 @@
 and final parameters equal the single-process run; optimizer state per rank is 1/DP of the whole; a
 distributed-optimizer checkpoint resumes exactly, also at another data-parallel size; NaN gradients are
 reported with rank and parameter."""
+import shutil
 import tempfile
 
 import numpy as np
@@ -20,8 +21,12 @@ def single():
 
 
 @pytest.fixture(scope="module")
-def launches():
-    root = tempfile.mkdtemp(prefix="mindtron_distopt_")
+def root():
+    return tempfile.mkdtemp(prefix="mindtron_distopt_")
+
+
+@pytest.fixture(scope="module")
+def launches(root):
     two = run_on_ranks(2, "tests/workers/ddp_checks.py:layouts_2", {"root": root}, timeout=900)
     four = run_on_ranks(4, "tests/workers/ddp_checks.py:layouts_4", {"root": root}, timeout=1200)
     runs = {}
@@ -62,8 +67,10 @@ def test_optimizer_state_per_rank_is_one_over_dp(single, launches, layout, dp):
     full = single["state_numel"]
     sizes = [r["state_numel"] for r in launches[layout]]
     assert sum(sizes) >= full  # every element has its moments somewhere (padding may add a few)
+    buckets = launches[layout][0]["buckets"]
     for size in sizes:
-        assert size <= full / dp + 2 * 128, (layout, sizes, full)  # padding: under one element per bucket x dp
+        # two moments per element; a bucket pads to a multiple of dp, so a rank holds at most one more element
+        assert size <= full / dp + 2 * buckets, (layout, sizes, full, buckets)
     for result in launches["dp2_buckets"]:
         assert result["state_numel"] == full  # without sharding every rank holds everything
 
@@ -89,11 +96,72 @@ def test_resume_at_another_data_parallel_size(single, launches):
 
 
 def test_nan_gradient_is_reported_with_rank_and_parameter():
-    """The rank holding the NaN stops before the reduction with the name; its peer's reduction then fails too
-    (Megatron's check is also local: the other ranks stop at the collective)."""
+    """Every rank stops with the ranks that found a NaN; the rank holding it also names the parameter."""
     messages = run_on_ranks(2, "tests/workers/ddp_checks.py:nan_report", timeout=300)
-    assert messages[0] != "" and "layer.bias" not in messages[0]
-    assert messages[1].startswith("rank 1: found NaN or Inf in the local gradients of layer.bias")
+    for message in messages:
+        assert message.startswith("found NaN or Inf in the local gradients of rank(s) [1]"), message
+    assert "layer.bias" not in messages[0] and "layer.weight" not in messages[0]
+    assert "on this rank (rank 1) in layer.bias (" in messages[1]
+
+
+def test_overlap_reduces_buckets_before_finish(launches):
+    for rank, result in enumerate(launches["reduction_timing"]):
+        on, off = result["overlap_True"], result["overlap_False"]
+        assert on["reduced_before_finish"] == [True] and off["reduced_before_finish"] == [False]
+        np.testing.assert_allclose(on["data_before_finish"], np.full(15, 1.5))  # already the mean of 1 and 2
+        np.testing.assert_allclose(off["data_before_finish"], np.full(15, rank + 1.0))  # still local
+        for a, b in zip(on["grads"], off["grads"]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_delay_grad_reduce_waits_pipeline_rank_backward_steps(launches):
+    first, second = (r["delay"] for r in launches["reduction_timing"])
+    assert first == {"at_chunk_done": True, "after_one_step": True}  # pipeline rank 0: no wait
+    assert second == {"at_chunk_done": False, "after_one_step": True}  # pipeline rank 1: one step later
+
+
+def test_parameters_stay_stale_until_the_deferred_gather(launches):
+    for result in launches["deferred_param_gather"]:
+        now, deferred = result["overlap_False"], result["overlap_True"]
+        for before, after, want in zip(deferred["after_step"], deferred["after_sync"], now["after_sync"]):
+            np.testing.assert_array_equal(before, np.ones_like(before))  # not yet written
+            np.testing.assert_array_equal(after, want)
+            assert not np.allclose(want, 1.0)  # the step did change them
+        for a, b in zip(now["after_step"], now["after_sync"]):
+            np.testing.assert_array_equal(a, b)  # gathered within step()
+
+
+def test_fp16_distributed_optimizer_resume_is_exact(launches):
+    """fp16 weights: the checkpoint carries the fp32 main pieces, so the resumed run repeats the losses."""
+    for result in launches["dp2_distopt_fp16_resume"]:
+        assert len(result["full"]) == STEPS
+        np.testing.assert_array_equal(result["resumed"], result["full"])
+
+
+def test_tied_embedding_copies_stay_equal_with_the_distributed_optimizer(launches):
+    """PP=2 x DP=2: the first stages' word embeddings and the last stages' head copies end equal."""
+    copies = [(name, value) for result in launches["pp2_dp2_distopt"] for name, value in result["tied"].items()]
+    assert sorted(name.rsplit(".", 2)[-2] for name, _ in copies) == ["word_embeddings"] * 2 + [
+        "word_embeddings_for_head"] * 2
+    for _, value in copies:
+        np.testing.assert_array_equal(value, copies[0][1])
+
+
+@pytest.mark.parametrize("saved_dp", [2, 4])
+def test_resume_at_data_parallel_size_one_regathers_every_shard(single, launches, root, saved_dp):
+    """Checkpoints saved by DP=2 and DP=4 at iteration 4 load into one process: the shards are
+    regathered and iterations 5-8 give the single-process losses."""
+    path = root if saved_dp == 2 else root + "_dp4"
+    resumed = ddp_checks.run(bucket_size=ddp_checks.SMALL_BUCKETS, use_distributed_optimizer=True, load_checkpoint=path)
+    np.testing.assert_allclose(resumed["loss"], single["loss"][STEPS // 2:], rtol=1e-5)
+
+
+def test_a_missing_optimizer_shard_is_a_clear_error(launches, root, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(root, copy)
+    (copy / f"iter_{STEPS // 2:07d}" / "mp_rank_00" / "optimizer_shard_dp001_of_002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard files are incomplete"):
+        ddp_checks.run(bucket_size=ddp_checks.SMALL_BUCKETS, use_distributed_optimizer=True, load_checkpoint=str(copy))
 
 
 def test_expert_parameters_reduce_over_the_expert_data_parallel_group(launches):

@@ -96,6 +96,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
     """Write this rank's part of iteration `iteration` under `root`; every rank must call it."""
     from mindtron.parallel_core.optimizer import optimizer_state_dict
 
+    if hasattr(optimizer, "finish_param_sync"):  # weights still waiting for the distributed optimizer's gather
+        optimizer.finish_param_sync()
     final = _this_rank_dir(root, iteration)
     writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     sharded = save_optim and hasattr(optimizer, "sharded_state_dict")  # the distributed optimizer
@@ -131,8 +133,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
             "args": args or {}, "crc32": crcs,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
     comm.barrier()
     if comm.get_rank() == 0:
         tracker = Path(root) / TRACKER
@@ -140,9 +141,20 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
         tmp_tracker.write_text(str(iteration))
         os.replace(tmp_tracker, tracker)
         if keep_checkpoint_max:
-            _remove_old(root, keep_checkpoint_max)
+            _remove_old(root, keep_checkpoint_max, iteration)
     comm.barrier()
     return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    # Saving an iteration that already exists (a resumed run reaching it again): the old directory is moved
+    # aside, not deleted, until the new one is in place.
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _shard_name(dp_rank: int, dp_size: int) -> str:
@@ -175,10 +187,27 @@ def _load_optimizer(directory: Path, optimizer) -> None:
     load_optimizer_state_dict(optimizer, load_file(str(plain)))
 
 
-def _remove_old(root: str, keep: int) -> None:
-    iterations = sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
-    for old in iterations[:-keep]:
-        shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+def _is_complete(directory: Path) -> bool:
+    """Every model-parallel rank of the iteration finished writing (meta.json in each, none left in .tmp)."""
+    ranks = [d for d in directory.iterdir() if d.is_dir() and d.name.startswith("mp_rank_")]
+    if not ranks or any(d.suffix in (".tmp", ".old") for d in ranks):
+        return False
+    try:
+        layout = json.loads((ranks[0] / "meta.json").read_text())["layout"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return len(ranks) == layout["tp"] * layout["pp"] and all((d / "meta.json").exists() for d in ranks)
+
+
+def _remove_old(root: str, keep: int, current: int) -> None:
+    """Keep the newest `keep` complete iterations (always `current`, just saved); drop older ones and the
+    leftovers of saves that crashed before `current`."""
+    found = sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    complete = [i for i in found if i == current or _is_complete(iteration_dir(root, i))]
+    kept = set(complete[-keep:]) | {current}
+    for old in found:
+        if old not in kept and old < current:
+            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
 
 
 def _rng_state() -> dict:
@@ -233,7 +262,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
         if name in weights:
             if tuple(weights[name].shape) != tuple(param.shape):
                 raise ValueError(f"{name}: checkpoint shape {weights[name].shape} != model shape {tuple(param.shape)}")
-            param.set_data(Tensor(weights[name], param.dtype))
+            # in place: layers compiled with jit_layers keep reading the parameter's buffer
+            ms.ops.assign(param, Tensor(weights[name], param.dtype))
     if hasattr(optimizer, "reload_main_params"):  # the distributed optimizer's fp32 pieces follow the weights
         optimizer.reload_main_params()
     if finetune:

@@ -149,13 +149,16 @@ class Trainer:
             raise ValueError("no learning rate: pass --lr")
         t = config.training_config
         chunk_of_param = [c for c, chunk in enumerate(self.chunk_params) for _ in chunk]
+        self.loss_scaler = build_loss_scaler(config)
+        # a scaler that adapts to overflows expects NaN/Inf gradients now and then: never an error with it
+        check_for_nan = t.check_for_nan_in_loss_and_grad and isinstance(self.loss_scaler, ConstantLossScaler)
         self.grad_buffer = GradBuffer(self.params, chunk_of_param, GradBufferConfig(
             # without wrap_with_ddp, one bucket per group reduced after the last micro-batch
             bucket_size=t.bucket_size if t.wrap_with_ddp else 2 ** 62,
             grad_dtype_fp32=True,  # parameters are fp32 master weights, so gradients accumulate in fp32
             overlap_grad_reduce=t.overlap_grad_reduce and t.wrap_with_ddp,
             delay_grad_reduce=t.delay_grad_reduce,
-            shard=t.use_distributed_optimizer, check_for_nan=t.check_for_nan_in_loss_and_grad,
+            shard=t.use_distributed_optimizer, check_for_nan=check_for_nan,
             pad_to=128 if t.enable_mem_align else 1))
         if t.use_distributed_optimizer:
             self.optimizer = DistributedOptimizer(config.optimizer_config, self.params, self.grad_buffer,
@@ -163,7 +166,6 @@ class Trainer:
         else:
             self.optimizer = get_megatron_optimizer(config.optimizer_config, self.params)
         self.scheduler = build_scheduler(self.optimizer, config)
-        self.loss_scaler = build_loss_scaler(config)
         self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
         self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
         self.eval_history: List[Tuple[int, float]] = []  # (iteration, validation loss) per evaluation
@@ -421,7 +423,6 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
 
 def _save(trainer: Trainer, config: AllConfig, iteration: int, consumed: int, args_record: dict) -> None:
     t = config.training_config
-    trainer.sync_params()
     checkpointing.save_checkpoint(t.output_dir, iteration, trainer.model, trainer.optimizer, trainer.scheduler,
                                   trainer.loss_scaler, consumed, args_record, save_optim=not t.no_save_optim,
                                   save_rng=not t.no_save_rng, keep_checkpoint_max=t.keep_checkpoint_max)

@@ -43,6 +43,92 @@ def layouts_2(root: str) -> dict:
     out["dp2_distopt_saved"] = run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True, output_dir=root,
                                    exit_interval=STEPS // 2)
     out["files"] = sorted(os.listdir(os.path.join(root, f"iter_{STEPS // 2:07d}", "mp_rank_00")))
+    # fp16 weights: the checkpoint must carry the fp32 main pieces, or the resumed run drifts
+    out["dp2_distopt_fp16_resume"] = tc.resume(steps=STEPS, save_at=STEPS // 2, bucket_size=SMALL_BUCKETS,
+                                               use_distributed_optimizer=True, fp16=True, loss_scale=1024.0,
+                                               model_options=FP16)
+    out["reduction_timing"] = reduction_timing()
+    out["deferred_param_gather"] = deferred_param_gather()
+    return out
+
+
+FP16 = {"params_dtype": "float16", "compute_dtype": "float16", "embedding_init_dtype": "float16"}
+
+
+def _two_params():
+    import mindspore as ms
+    from mindspore import Tensor
+    return [ms.Parameter(Tensor(np.ones((4, 3), np.float32)), name="layer.weight"),
+            ms.Parameter(Tensor(np.ones((3,), np.float32)), name="layer.bias")]
+
+
+def _rank_grads(rank: int):
+    from mindspore import Tensor
+    return [Tensor(np.full((4, 3), rank + 1.0, np.float32)), Tensor(np.full((3,), rank + 1.0, np.float32))]
+
+
+def reduction_timing() -> dict:
+    """When buckets are reduced: with overlap at chunk_done, before finish(); without, only in finish();
+    with delay_grad_reduce on pipeline rank 1, one backward step after chunk_done."""
+    from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+    from mindtron.parallel_core import parallel_state as ps
+    from mindtron.parallel_core import comm
+
+    rank, out = comm.get_rank(), {}
+    ps.initialize_model_parallel(1, 1)  # DP=2
+    try:
+        for overlap in (True, False):
+            buffer = GradBuffer(_two_params(), [0, 0], GradBufferConfig(overlap_grad_reduce=overlap))
+            buffer.add(0, _rank_grads(rank))
+            buffer.chunk_done(0)
+            before = [b.reduced for b in buffer.buckets]
+            early = buffer.buckets[0].data.asnumpy().copy()
+            buffer.finish()
+            out[f"overlap_{overlap}"] = {"reduced_before_finish": before, "data_before_finish": early,
+                                         "grads": [g.asnumpy() for g in buffer.grads()]}
+    finally:
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 2)  # PP=2: rank 1 is pipeline rank 1
+    try:
+        chunks = [0, 1]  # two chunks, so a later backward step can arrive after chunk 0 finished
+        buffer = GradBuffer(_two_params(), chunks, GradBufferConfig(overlap_grad_reduce=True,
+                                                                    delay_grad_reduce=True))
+        grads = _rank_grads(rank)
+        buffer.add(0, grads[:1])
+        buffer.chunk_done(0)
+        at_done = buffer.bucket_of[0].reduced
+        buffer.add(1, grads[1:])  # one more backward step
+        after_one = buffer.bucket_of[0].reduced
+        buffer.finish()
+        out["delay"] = {"at_chunk_done": at_done, "after_one_step": after_one}
+    finally:
+        ps.destroy_model_parallel()
+    return out
+
+
+def deferred_param_gather() -> dict:
+    """With overlap_param_gather the parameters keep their old values after the step until
+    finish_param_sync, which then writes the same values as the immediate gather."""
+    from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+    from mindtron.parallel_core import parallel_state as ps
+    from mindtron.parallel_core import comm
+
+    rank, out = comm.get_rank(), {}
+    ps.initialize_model_parallel(1, 1)
+    try:
+        optimizer_config = tc.make_config().optimizer_config
+        for overlap in (False, True):
+            params = _two_params()
+            buffer = GradBuffer(params, [0, 0], GradBufferConfig(shard=True))
+            opt = DistributedOptimizer(optimizer_config, params, buffer, overlap_param_gather=overlap)
+            buffer.add(0, _rank_grads(rank))
+            buffer.finish()
+            opt.step(opt.shard_grads())
+            after_step = [p.asnumpy().copy() for p in params]
+            opt.finish_param_sync()
+            out[f"overlap_{overlap}"] = {"after_step": after_step, "after_sync": [p.asnumpy() for p in params]}
+    finally:
+        ps.destroy_model_parallel()
     return out
 
 
@@ -61,6 +147,8 @@ def layouts_4(root: str) -> dict:
         "pp2_vpp2_dp2_overlap_no_delay": run(pp=2, vpp=2, bucket_size=SMALL_BUCKETS, overlap_grad_reduce=True,
                                              delay_grad_reduce=False),
         "dp4_resumed_from_dp2": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True, load_checkpoint=root),
+        "dp4_distopt_saved_for_dp2": run(bucket_size=SMALL_BUCKETS, use_distributed_optimizer=True,
+                                         output_dir=root + "_dp4", exit_interval=STEPS // 2),
         "dp4_distopt_resume": tc.resume(steps=STEPS, save_at=STEPS // 2, bucket_size=SMALL_BUCKETS,
                                         use_distributed_optimizer=True),
         "expert_groups": expert_groups(),

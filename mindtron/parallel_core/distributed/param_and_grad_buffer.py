@@ -125,6 +125,7 @@ class GradBuffer:
             self._make_buckets(list(reversed(indices)), size, *where[key], kind=key[3], chunk=key[0])
         self.bucket_of = {i: b for b in self.buckets for i in b.indices}
         self._delayed: Dict[int, int] = {}  # finished chunk -> backward steps still to wait
+        self._nonfinite: List[str] = []  # this step's parameters with NaN/Inf local gradients
 
     def _make_buckets(self, members: List[int], size: int, dtype, group, kind: str, chunk: int) -> None:
         current: List[int] = []
@@ -156,6 +157,7 @@ class GradBuffer:
         for b in self.buckets:
             b.data, b.shard, b.reduced = None, None, False
         self._delayed.clear()
+        self._nonfinite = []
 
     def add(self, chunk: int, grads: Sequence[Tensor]) -> None:
         """Add one micro-batch's gradients of model chunk `chunk` (aligned with that chunk's parameters)."""
@@ -202,6 +204,8 @@ class GradBuffer:
         for b in self.buckets:
             if not b.reduced:
                 self._reduce(b)
+        if self.config.check_for_nan:
+            self._raise_if_nonfinite()
 
     # ---- reduction ----------------------------------------------------------------------------------
     def _reduce(self, b: Bucket) -> None:
@@ -223,13 +227,25 @@ class GradBuffer:
         b.reduced = True
 
     def _check_finite(self, b: Bucket) -> None:
+        # recorded, not raised: every rank must first learn that some rank found one (finish)
         if bool(ops.isfinite(b.data).all()):
             return
-        bad = [self.params[i].name for i, off in zip(b.indices, b.offsets)
-               if not bool(ops.isfinite(b.data[off:off + int(np.prod(self._shapes[i], dtype=np.int64))]).all())]
-        raise RuntimeError(f"rank {comm.get_rank()}: found NaN or Inf in the local gradients of "
-                           f"{', '.join(bad) or 'a gradient bucket'} before the data-parallel reduction "
-                           "(--check-for-nan-in-loss-and-grad; lower --lr or enable loss scaling)")
+        self._nonfinite += [self.params[i].name for i, off in zip(b.indices, b.offsets)
+                            if not bool(ops.isfinite(b.data[off:off + int(np.prod(self._shapes[i],
+                                                                                       dtype=np.int64))]).all())]
+
+    def _raise_if_nonfinite(self) -> None:
+        # One flag per rank, summed over the world: all ranks raise together, none waits in a collective.
+        world, me = comm.get_world_size(), comm.get_rank()
+        flags = np.zeros(world, np.float32)
+        flags[me] = float(bool(self._nonfinite))
+        bad_ranks = np.flatnonzero(comm.all_reduce(Tensor(flags)).asnumpy()) if world > 1 else np.flatnonzero(flags)
+        if not len(bad_ranks):
+            return
+        here = (f"; on this rank (rank {me}) in {', '.join(self._nonfinite)}" if self._nonfinite else "")
+        raise RuntimeError(f"found NaN or Inf in the local gradients of rank(s) {bad_ranks.tolist()} before the "
+                           f"data-parallel reduction{here} (--check-for-nan-in-loss-and-grad; lower --lr or "
+                           "enable loss scaling)")
 
     # ---- results ------------------------------------------------------------------------------------
     def grads(self) -> List[Tensor]:

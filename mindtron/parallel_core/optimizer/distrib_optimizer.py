@@ -12,7 +12,7 @@ moments for those pieces only: per rank about 1/dp of the whole state. A step:
 With `overlap_param_gather` the all-gather is issued at the start of the next forward (`finish_param_sync`)
 instead of at the end of the step, as Megatron overlaps it with the next forward; the values are the same.
 
-Checkpoints hold each rank's pieces with their ranges (`sharded_state_dict`); `load_sharded_state_dicts`
+Checkpoints hold each rank's pieces (fp32 main values and optimizer moments) with their ranges (`sharded_state_dict`); `load_sharded_state_dicts`
 takes the pieces saved by every rank of any data-parallel size and cuts this rank's out of them.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mindtron.parallel_core.optimizer.optimizer import (get_megatron_optimizer, 
                                                         optimizer_state_dict, param_is_not_decayed)
 
 _SUFFIX = ".main_shard"
+_MAIN = "main"  # checkpoint key prefix of the fp32 main pieces
 _FLAGS = ("tensor_model_parallel", "shared_embedding", "shared", "sequence_parallel", "allreduce")
 
 
@@ -41,9 +42,11 @@ class DistributedOptimizer:
         self.params, self.buffer = list(params), buffer
         self.overlap_param_gather = overlap_param_gather
         self.pieces = buffer.shard_pieces()  # (param index, bucket, start, end, start in the shard)
-        if not self.pieces:
-            raise ValueError("this data-parallel rank owns no parameter elements: the model is smaller than the "
-                             "data-parallel size; drop --use-distributed-optimizer")
+        # Decided together: a rank that raised alone would leave its peers waiting in the next collective.
+        empty = comm.all_reduce(Tensor([0.0 if self.pieces else 1.0], ms.float32))
+        if float(empty.asnumpy()[0]) > 0:
+            raise ValueError(f"{int(float(empty.asnumpy()[0]))} data-parallel rank(s) own no parameter elements: "
+                             "the model is smaller than the data-parallel size; drop --use-distributed-optimizer")
         self.main_params: List[Parameter] = []
         decayed = {}
         for i, _, start, end, _ in self.pieces:
@@ -104,7 +107,7 @@ class DistributedOptimizer:
     def reload_main_params(self) -> None:
         """Copy the model parameters' pieces into the main pieces (after loading weights into the model)."""
         for (i, _, start, end, _), main in zip(self.pieces, self.main_params):
-            main.set_data(self.params[i].reshape(-1)[start:end].astype(ms.float32))
+            ops.assign(main, self.params[i].reshape(-1)[start:end].astype(ms.float32))
         self._gather_pending = False
 
     def state_numel(self) -> int:
@@ -120,6 +123,9 @@ class DistributedOptimizer:
         the flattened parameter ("start,end,numel") as metadata."""
         state = optimizer_state_dict(self.optimizer)
         tensors = {k.replace(_SUFFIX, ""): v for k, v in state.items() if not k.startswith("param_groups.")}
+        for (i, _, _, _, _), main in zip(self.pieces, self.main_params):
+            # the fp32 main pieces: with fp16 parameters they hold bits the model's weights do not
+            tensors[f"{_MAIN}.{self.params[i].name}"] = main
         for g, group in enumerate(self.optimizer.param_groups):
             # ranks hold different subsets of the decay / no-decay groups: key them by kind, not position
             for field in ("lr", "weight_decay"):
@@ -152,6 +158,9 @@ class DistributedOptimizer:
                     raise ValueError(f"the saved optimizer shards do not cover {key}[{start}:{end}]: a data-parallel "
                                      "rank's optimizer shard file is missing")
                 state[key.partition(".")[0] + "." + main.name] = full[key][start:end]
+            main_key = f"{_MAIN}.{main.name}"
+            if main_key in state:  # older shards without main pieces keep reload_main_params' values
+                ops.assign(main, Tensor(state.pop(main_key), ms.float32))
         if "step" in scalars:
             state["step"] = scalars["step"]
         for g, group in enumerate(self.optimizer.param_groups):  # the same on every rank: any shard's will do
