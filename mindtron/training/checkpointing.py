@@ -94,7 +94,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
                     consumed_samples: int = 0, args: Optional[Dict[str, Any]] = None, save_optim: bool = True,
                     save_rng: bool = True, keep_checkpoint_max: Optional[int] = None) -> Path:
     """Write this rank's part of iteration `iteration` under `root`; every rank must call it."""
-    from mindtron.parallel_core.optimizer import optimizer_state_dict
+    from mindtron.parallel_core.optimizer import Float16Optimizer, optimizer_state_dict
 
     if hasattr(optimizer, "finish_param_sync"):  # weights still waiting for the distributed optimizer's gather
         optimizer.finish_param_sync()
@@ -116,7 +116,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
     if writer:
         files = {"model.safetensors": {name: _to_numpy(p) for name, p in named_parameters(model).items()}}
         if save_optim and optimizer is not None and not sharded:
-            files["optimizer.safetensors"] = {k: _to_numpy(v) for k, v in optimizer_state_dict(optimizer).items()}
+            state = optimizer.state_dict() if isinstance(optimizer, Float16Optimizer) else optimizer_state_dict(optimizer)
+            files["optimizer.safetensors"] = {k: _to_numpy(v) for k, v in state.items()}
         crcs = {}
         for filename, tensors in files.items():
             save_file(tensors, str(tmp / filename))
@@ -162,7 +163,7 @@ def _shard_name(dp_rank: int, dp_size: int) -> str:
 
 
 def _load_optimizer(directory: Path, optimizer) -> None:
-    from mindtron.parallel_core.optimizer import load_optimizer_state_dict
+    from mindtron.parallel_core.optimizer import Float16Optimizer, load_optimizer_state_dict
 
     shard_files = sorted(directory.glob("optimizer_shard_dp*_of_*.safetensors"))
     plain = directory / "optimizer.safetensors"
@@ -184,7 +185,11 @@ def _load_optimizer(directory: Path, optimizer) -> None:
         hint = (" (it holds distributed-optimizer shards: add --use-distributed-optimizer)" if shard_files
                 else " (saved with --no-save-optim?)")
         raise FileNotFoundError(f"{plain} is missing{hint}; or pass --no-load-optim")
-    load_optimizer_state_dict(optimizer, load_file(str(plain)))
+    state = load_file(str(plain))
+    if isinstance(optimizer, Float16Optimizer):
+        optimizer.load_state_dict(state)
+    else:
+        load_optimizer_state_dict(optimizer, state)
 
 
 def _is_complete(directory: Path) -> bool:
@@ -264,7 +269,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
                 raise ValueError(f"{name}: checkpoint shape {weights[name].shape} != model shape {tuple(param.shape)}")
             # in place: layers compiled with jit_layers keep reading the parameter's buffer
             ms.ops.assign(param, Tensor(weights[name], param.dtype))
-    if hasattr(optimizer, "reload_main_params"):  # the distributed optimizer's fp32 pieces follow the weights
+    if hasattr(optimizer, "reload_main_params"):  # fp32 main weights follow the loaded ones (until optimizer state)
         optimizer.reload_main_params()
     if finetune:
         return 0, 0

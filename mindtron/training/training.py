@@ -22,8 +22,9 @@ from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
 from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DistributedOptimizer,
-                                              DynamicLossScaler, OptimizerParamScheduler, clip_grads,
-                                              found_inf_in_grads, get_megatron_optimizer)
+                                              DynamicLossScaler, Float16Optimizer, OptimizerParamScheduler,
+                                              clip_grads, found_inf_in_grads, get_megatron_optimizer,
+                                              needs_main_copies)
 from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
 from mindtron.training import checkpointing
 from mindtron.training.config import AllConfig
@@ -163,6 +164,8 @@ class Trainer:
         if t.use_distributed_optimizer:
             self.optimizer = DistributedOptimizer(config.optimizer_config, self.params, self.grad_buffer,
                                                   overlap_param_gather=config.optimizer_config.overlap_param_gather)
+        elif needs_main_copies(self.params):  # fp16/bf16 weights: the optimizer steps fp32 main copies
+            self.optimizer = Float16Optimizer(config.optimizer_config, self.params)
         else:
             self.optimizer = get_megatron_optimizer(config.optimizer_config, self.params)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -239,7 +242,7 @@ class Trainer:
             # each data-parallel rank holds disjoint pieces: the norm and the inf check span every rank
             params, grads, group = self.optimizer.main_params, self.optimizer.shard_grads(), comm.world_group()
         else:
-            params, grads, group = self.params, self.grad_buffer.grads(), None
+            params, grads, group = getattr(self.optimizer, "main_params", self.params), self.grad_buffer.grads(), None
         if scale != 1.0:
             grads = [g / scale for g in grads]
         found_inf = found_inf_in_grads(grads, group)

@@ -18,6 +18,7 @@ from mindtron.parallel_core.optimizer.optimizer import (
     optimizer_state_dict, param_is_not_decayed)
 from mindtron.parallel_core.optimizer.optimizer_param_scheduler import OptimizerParamScheduler
 from mindtron.parallel_core.optimizer.distrib_optimizer import DistributedOptimizer
+from mindtron.parallel_core.optimizer.float16_optimizer import Float16Optimizer, needs_main_copies
 
 __all__ = [
     "get_megatron_optimizer", "get_megatron_param_groups", "param_is_not_decayed", "MegatronAdamW", "MegatronSGD",
@@ -26,4 +27,5 @@ __all__ = [
     "param_is_not_tensor_parallel_duplicate", "param_is_shared",
     "LossScaler", "ConstantLossScaler", "DynamicLossScaler", "AdaptiveLossScaler", "AdaptiveLossScaleUpdateCell",
     "adaptive_scale_windows", "found_inf_in_grads", "unscale_grads", "DistributedOptimizer",
+    "Float16Optimizer", "needs_main_copies",
 ]

@@ -25,12 +25,12 @@ from mindspore import Parameter, Tensor, ops
 
 from mindtron.parallel_core import comm
 from mindtron.parallel_core.distributed.param_and_grad_buffer import GradBuffer
+from mindtron.parallel_core.optimizer.float16_optimizer import main_copy
 from mindtron.parallel_core.optimizer.optimizer import (get_megatron_optimizer, load_optimizer_state_dict,
                                                         optimizer_state_dict, param_is_not_decayed)
 
 _SUFFIX = ".main_shard"
 _MAIN = "main"  # checkpoint key prefix of the fp32 main pieces
-_FLAGS = ("tensor_model_parallel", "shared_embedding", "shared", "sequence_parallel", "allreduce")
 
 
 class DistributedOptimizer:
@@ -51,10 +51,7 @@ class DistributedOptimizer:
         decayed = {}
         for i, _, start, end, _ in self.pieces:
             p = self.params[i]
-            main = Parameter(p.reshape(-1)[start:end].astype(ms.float32), name=p.name + _SUFFIX)
-            for flag in _FLAGS:  # the norm and the reductions read these
-                if hasattr(p, flag):
-                    setattr(main, flag, getattr(p, flag))
+            main = main_copy(p, p.reshape(-1)[start:end], p.name + _SUFFIX)
             decayed[id(main)] = not param_is_not_decayed(p.name, p)
             self.main_params.append(main)
         self.optimizer = get_megatron_optimizer(config, self.main_params,
