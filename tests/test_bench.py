@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,8 +17,12 @@ def _run(script: str, *args: str) -> list:
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
-def test_step_overhead_prints_both_medians_and_the_ratio_last():
-    lines = _run("step_overhead.py", "--steps", "2", "--warmup", "1")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_step_overhead_prints_both_medians_and_the_ratio_last(jit):
+    lines = _run("step_overhead.py", "--steps", "2", "--warmup", "1", *(["--jit-layers"] if jit else []))
+    assert any(line.endswith(f"jit_layers {'on' if jit else 'off'}") for line in lines), lines
     assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]
     assert float(lines[-1].split()[1]) > 0
     for side in ("plain", "mindtron"):
