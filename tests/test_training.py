@@ -134,3 +134,10 @@ def test_fp16_weights_resume_is_exact():
     """The checkpoint carries the fp32 main copies: the resumed run repeats the uninterrupted one."""
     result = training_checks.resume(steps=8, save_at=4, fp16=True, loss_scale=1024.0, model_options=FP16_WEIGHTS)
     np.testing.assert_array_equal(result["resumed"], result["full"])
+
+
+def test_fp16_optimizer_state_into_fp32_weights_is_a_clear_error(tmp_path):
+    training_checks.train(training_checks.make_config(steps=3, fp16=True, loss_scale=1024.0,
+                                                      model_options=FP16_WEIGHTS, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="fp32 main copies of fp16/bf16 weights.*--no-load-optim"):
+        training_checks.train(training_checks.make_config(steps=6, load_checkpoint=str(tmp_path)))

@@ -267,6 +267,9 @@ def load_optimizer_state_dict(opt, state: Dict[str, np.ndarray]) -> None:
                 raise ValueError(f"optimizer state has no {key!r}: it has a different number of parameter groups")
             group[field] = float(np.asarray(state[key]).reshape(()))
     unexpected = sorted(set(state) - expected)
+    if any(k.startswith("fp32_main.") for k in unexpected):
+        raise ValueError("the optimizer state holds fp32 main copies of fp16/bf16 weights but this run's weights "
+                         "are fp32: resume with the checkpoint's --fp16/--bf16, or pass --no-load-optim")
     if unexpected:
         raise ValueError(f"optimizer state has entries for parameters this optimizer does not hold: "
                          f"{unexpected[:5]}")
