@@ -341,7 +341,8 @@ def build_train_valid_test_data_loaders(all_config: AllConfig, train_valid_test_
         raise ValueError(f"--dataloader-type {kind!r}: use single, cyclic or external")
     # Megatron's train_valid_test_num_samples: --train-samples, or iterations x --global-batch-size
     gbs = batch_schedule(all_config).global_batch_size
-    eval_runs = (t.training_iters // t.eval_interval + 1) if t.eval_interval else 0
+    # evaluations every eval_interval plus the closing one (only the closing one without --eval-interval)
+    eval_runs = (t.training_iters // t.eval_interval + 1) if t.eval_interval else 1
     sizes = [t.train_samples or t.training_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs]
     datasets = train_valid_test_datasets_provider(sizes)
     loaders = []
