@@ -4,6 +4,7 @@
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1 --verify
 
 Modules, one job each:
+    safe_pickle      unpickling without running anything: allowed data constructors, inert placeholders, refusals
     torch_reader     torch.save files read without PyTorch and without running pickled code
     torch_writer     torch.save files written without PyTorch (Megatron outputs)
     names            canonical tensor names and the shapes the model settings predict
