@@ -122,7 +122,8 @@ def test_megatron_core_checkpoint_with_signal_and_enum_arguments_converts(tmp_pa
             for key, value in weights.items():
                 np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
         assert rel(loaded_logits(cfg, tmp_path / f"{reader}_tp1", tokens), want) < 1e-5
-        args = load_torch_file(tmp_path / "src" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt", reader)[0]["args"]
+        rank_file = tmp_path / "src" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt"
+        args = load_torch_file(rank_file, reader)[0]["args"]
         assert args.exit_signal.value == 15 and args.model_type.value == 1 and args.fp8_recipe.value == "delayed"
         assert args.cuda_graph_modules[0].value == 1 and args.num_layers == cfg.num_layers
     assert not any(m.startswith("megatron") for m in sys.modules)  # the enums were never imported
@@ -317,4 +318,7 @@ def test_mindtron_checkpoint_with_every_option_reshards_and_verifies(tmp_path):
         np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
     with pytest.raises(ValueError, match=r"attn_post_norm.(weight|bias) has no place in Megatron's legacy GPT"):
         convert_checkpoint(tmp_path / "src", tmp_path / "meg", target_format="megatron-legacy")
+    if HAVE_TORCH:
+        with pytest.raises(ValueError, match=r"attn_post_norm.(weight|bias) has no place in Megatron-Core's GPT"):
+            convert_checkpoint(tmp_path / "src", tmp_path / "meg", target_format="megatron-torch-dist")
     assert not (tmp_path / "meg").exists()  # refused before anything was written
