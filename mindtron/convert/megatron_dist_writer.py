@@ -47,7 +47,7 @@ def write_megatron_dist_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: 
     """Write `full` as a torch_dist checkpoint whose arguments say tensor x pipeline parallel `tp` x `pp`."""
     if not torch_available():
         raise ValueError("--target-format megatron-torch-dist writes through PyTorch's torch.distributed.checkpoint: "
-                         "pip install torch (reading torch_dist checkpoints does not need it)")
+                         "pip install torch (or mindtron[torch]; reading torch_dist checkpoints does not need it)")
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner

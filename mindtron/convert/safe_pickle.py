@@ -178,17 +178,21 @@ def _allowed(module: str, name: str) -> Optional[Any]:
     return None
 
 
+# Python < 3.10 has no sys.stdlib_module_names: the refused modules that belong to the standard library.
+_STDLIB_REFUSED = REFUSED_MODULES - {"requests", "setuptools", "pip", "commands", "popen2"}
+
+
 def _is_value_class(module: str, name: str) -> bool:
     """Whether the standard-library global `module.name` is a class whose "call" only makes a value: an Enum
     class (a member lookup), a pure path or a plain namespace. Non-standard modules are never imported."""
     root = module.split(".")[0]
-    if root not in getattr(sys, "stdlib_module_names", ()):
+    if root not in getattr(sys, "stdlib_module_names", _STDLIB_REFUSED):
         return False
     try:
         obj = importlib.import_module(module)  # a standard-library module: importing it runs nothing of the file's
         for part in name.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError):
+    except Exception:  # no such module or attribute (or a platform without it): not a value class
         return False
     return isinstance(obj, type) and (issubclass(obj, (enum.Enum, pathlib.PurePath)) or obj is types.SimpleNamespace)
 
@@ -261,8 +265,8 @@ def torch_safe_globals(names, where: str) -> list:
     for full in names:
         module, _, name = full.rpartition(".")
         found = resolve_global(module, name, where)
-        if isinstance(found, (TorchDtype, tuple)) or found is tuple:
-            continue  # torch's own loader resolves torch globals itself
+        if isinstance(found, TorchDtype) or found is tuple:
+            continue  # torch's own loader resolves torch dtypes and torch.Size itself
         pairs.append((found, full))
     return pairs
 

@@ -301,9 +301,8 @@ def _torch_load(path: Path, byte_range: ByteRange) -> Tuple[Any, Dict[str, int]]
     try:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
-        except Exception as e:  # a damaged archive; torch.load below names the problem
+        except Exception:  # a damaged archive: torch.load below names the problem
             names = []
-            del e
         pairs = torch_safe_globals(names, where)  # refuses a malicious pickle before torch reads it
         source.seek(0)
         try:
