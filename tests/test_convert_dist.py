@@ -7,7 +7,6 @@ import argparse
 import io
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
