@@ -16,11 +16,13 @@ setup(
         "regex",
         "safetensors",
     ],
-    # torch is test-only: the converter tests build Megatron checkpoints with the real torch.save (the
-    # library never imports it). Pinned to the CPU build (+cpu wheel: pip's index here, or
-    # --extra-index-url https://download.pytorch.org/whl/cpu elsewhere).
+    # torch is optional: the converter reads Megatron's checkpoints without it, and imports it only to write
+    # Megatron's torch_dist format (--target-format megatron-torch-dist, through torch.distributed.checkpoint)
+    # or when asked to read with it (--reader torch); "torch" installs it for that. The tests build Megatron
+    # checkpoints with the real torch.save and torch.distributed.checkpoint, pinned to the CPU build (+cpu
+    # wheel: pip's index here, or --extra-index-url https://download.pytorch.org/whl/cpu elsewhere).
     # sentencepiece: --tokenizer-type SentencePieceTokenizer / GPTSentencePieceTokenizer / Llama2Tokenizer
     # (and their tests); transformers: --tokenizer-type HuggingFaceTokenizer.
-    extras_require={"test": ["pytest>=7", "torch==2.13.0", "sentencepiece"],
+    extras_require={"test": ["pytest>=7", "torch==2.13.0", "sentencepiece"], "torch": ["torch>=2.6"],
                     "sentencepiece": ["sentencepiece"], "huggingface": ["transformers"]},
 )

@@ -39,6 +39,13 @@ class Call:
         self.function, self.args = function, args
 
 
+class Obj:
+    """GLOBAL cls, NEWOBJ, then BUILD with `state`: how an object of a dataclass-like class pickles."""
+
+    def __init__(self, cls: Global, state: dict):
+        self.cls, self.state = cls, state
+
+
 class BFloat16:
     """A float32 array to be stored as torch.bfloat16 (top 16 bits of each value)."""
 
@@ -70,6 +77,8 @@ class Encoder:
             return b"c" + f"{obj.module}\n{obj.name}\n".encode()
         if isinstance(obj, Call):
             return self.encode(obj.function) + self.encode(tuple(obj.args)) + REDUCE
+        if isinstance(obj, Obj):
+            return self.encode(obj.cls) + EMPTY_TUPLE + NEWOBJ + self.encode(obj.state) + BUILD
         if isinstance(obj, tuple):
             return EMPTY_TUPLE if not obj else MARK + b"".join(map(self.encode, obj)) + TUPLE
         if isinstance(obj, list):

@@ -6,8 +6,13 @@ convert_bytes.py."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import enum
 import io
 import random
+import signal
+import sys
+import types
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -183,6 +188,50 @@ def megatron_args(cfg, tp: int, pp: int, **extra) -> dict:
         tokenizer_type="GPT2BPETokenizer", consumed_train_samples=640, iteration=20, lr=3e-4,
         transformer_impl="transformer_engine", num_experts=None)
     args.update(extra)
+    return args
+
+
+@contextlib.contextmanager
+def megatron_enum_modules():
+    """Megatron-Core's enum classes under their real module names (megatron.core.enums,
+    megatron.core.transformer.enums), so that torch.save pickles them as Megatron's checkpoints do (by
+    reference: the reader sees only the names). They are removed again afterwards: no reader can import them."""
+    made = {}
+    for name in ("megatron", "megatron.core", "megatron.core.transformer"):
+        made[name] = types.ModuleType(name)
+    core_enums = made["megatron.core.enums"] = types.ModuleType("megatron.core.enums")
+    transformer_enums = made["megatron.core.transformer.enums"] = types.ModuleType("megatron.core.transformer.enums")
+    definitions = [(core_enums, "ModelType", enum.Enum, {"encoder_or_decoder": 1}),
+                   (core_enums, "Fp8Recipe", (str, enum.Enum), {"delayed": "delayed", "mxfp8": "mxfp8"}),
+                   (transformer_enums, "AttnBackend", enum.Enum, {"flash": 1, "fused": 2, "unfused": 3, "local": 4,
+                                                                  "auto": 5}),
+                   (transformer_enums, "CudaGraphModule", enum.Enum, {"attn": 1, "mlp": 2, "moe": 3}),
+                   (transformer_enums, "InferenceCudaGraphScope", enum.Enum, {"none": 1, "layer": 2, "block": 3})]
+    found = types.SimpleNamespace()
+    for module, name, base, members in definitions:
+        bases = base if isinstance(base, tuple) else (base,)
+        cls = enum.Enum(name, members, module=module.__name__, type=bases[0] if len(bases) > 1 else None)
+        setattr(module, name, cls)
+        setattr(found, name, cls)
+    saved = {name: sys.modules.get(name) for name in made}
+    sys.modules.update(made)
+    try:
+        yield found
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+
+
+def megatron_core_args(cfg, tp: int, pp: int, enums, **extra) -> dict:
+    """The arguments a current Megatron-Core (0.19) run stores: megatron_args plus the enum-valued ones."""
+    args = megatron_args(cfg, tp, pp, **extra)
+    args.update(exit_signal=signal.SIGTERM, exit_signal_handler=False, model_type=enums.ModelType.encoder_or_decoder,
+                attention_backend=enums.AttnBackend.auto, cuda_graph_modules=[enums.CudaGraphModule.attn],
+                inference_cuda_graph_scope=enums.InferenceCudaGraphScope.none, fp8_recipe=enums.Fp8Recipe.delayed,
+                use_mcore_models=True, use_legacy_models=False)
     return args
 
 

@@ -1,8 +1,9 @@
 """msrun worker for tests/test_convert_parallel.py: converted checkpoints loaded at their own layout.
 
-main(cases) runs, for every case {"name", "dir", "tp", "pp", "config": model_configs overrides, "tokens"}, a
-GPTModel of that layout loaded with mindtron's checkpointing.load_checkpoint (the path pretrain takes) and
-returns the full logits [b, s, v] on the last pipeline stage (None elsewhere), by case name.
+main(cases) runs, for every case {"name", "dir", "tp", "pp", "model" (or "config_name": a tests/model_configs.py
+name), "overrides": model_configs overrides, "tokens"}, a GPTModel of that layout loaded with mindtron's
+checkpointing.load_checkpoint (the path pretrain takes) and returns the full logits [b, s, v] on the last
+pipeline stage (None elsewhere), by case name.
 """
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ def logits(case: dict):
     ps.initialize_model_parallel(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"])
     try:
         tp.model_parallel_seed(99)  # different from any source: only loading can make the logits right
-        cfg = config(case["model"], **case.get("overrides", {}))
+        cfg = config(case.get("config_name", case["model"]), **case.get("overrides", {}))
         first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         model = GPTModel(cfg, parallel_output=False, pre_process=first, post_process=last)
         model.set_train(False)

@@ -124,12 +124,32 @@ def test_features_mindtron_lacks_and_impossible_layouts_are_refused(tmp_path):
         convert_checkpoint(src, tmp_path / "dst", target_pp=4)
     with pytest.raises(ValueError, match="--save-dir must differ from --load-dir"):
         convert_checkpoint(src, src)
+
+
+def test_distributed_checkpoints_that_cannot_be_read_say_why(tmp_path):
     dist = tmp_path / "dist" / "iter_0000001"
     dist.mkdir(parents=True)
-    (dist / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
     (dist.parent / "latest_checkpointed_iteration.txt").write_text("1")
-    with pytest.raises(ValueError, match="torch_dist.*--ckpt-convert-format torch"):
+    (dist / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    with pytest.raises(FileNotFoundError, match=r"iter_0000001/.metadata is missing: the torch_dist checkpoint is "
+                                                r"incomplete"):
         convert_checkpoint(dist.parent, tmp_path / "dst")
+    (dist / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(ValueError, match="sharded backend 'zarr'.*--ckpt-convert-format torch_dist"):
+        convert_checkpoint(dist.parent, tmp_path / "dst")
+    (dist / "metadata.json").unlink()
+    (dist / ".metadata").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ValueError, match="without Megatron's metadata.json.*torch_dcp"):
+        convert_checkpoint(dist, tmp_path / "dst")  # pointed at the iteration directory itself
+    (dist / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    with pytest.raises(ValueError, match=r"expected a metadata.Metadata in .metadata, found None"):
+        convert_checkpoint(dist.parent, tmp_path / "dst")
+    (dist / ".metadata").write_bytes(b"\x80\x04\x8c\x05posix\x8c\x06system\x93\x8c\x04true\x85R.")
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: its pickle calls posix.system"):
+        convert_checkpoint(dist.parent, tmp_path / "dst")
+    with pytest.raises(ValueError, match="not a torch_dist checkpoint.*drop --source-format megatron-torch-dist"):
+        convert_checkpoint(write_checkpoint(tmp_path / "torch"), tmp_path / "dst",
+                           source_format="megatron-torch-dist")
 
 
 def test_cli_flag_errors(tmp_path, capsys):

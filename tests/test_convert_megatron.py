@@ -99,6 +99,37 @@ def test_checkpoint_written_byte_by_byte_converts_without_torch(tmp_path):
 
 
 @needs_torch
+def test_megatron_core_checkpoint_with_signal_and_enum_arguments_converts(tmp_path):
+    """Megatron-Core 0.19 keeps signal.Signals and its own enums in `args` (saved here with the real torch.save):
+    both readers load them as inert values, and the conversion to TP=1 and TP=2 gives the source's logits."""
+    from mindtron.convert.torch_reader import load_torch_file
+
+    cfg = F.config("llama")
+    weights = F.random_weights(cfg, 8)
+    shards = F.megatron_shards(cfg, weights, 2, 1)
+    with F.megatron_enum_modules() as enums:
+        F.save_with_torch(tmp_path / "src", {k: F.core_model_state(v) for k, v in shards.items()},
+                          F.megatron_core_args(cfg, 2, 1, enums))
+    assert not any(m.startswith("megatron") for m in sys.modules)
+    tokens = tokens_for(cfg)
+    want = reference_logits(cfg, weights, tokens)
+    for reader in ("python", "torch"):
+        for tp_size in (1, 2):
+            out = tmp_path / f"{reader}_tp{tp_size}"
+            report = convert_checkpoint(tmp_path / "src", out, tp_size, 1, reader=reader, verify=tp_size == 2)
+            assert {"signal.Signals", "megatron.core.enums.ModelType"} <= set(report.placeholders), reader
+            full = read_checkpoint(out)
+            for key, value in weights.items():
+                np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
+        assert rel(loaded_logits(cfg, tmp_path / f"{reader}_tp1", tokens), want) < 1e-5
+        rank_file = tmp_path / "src" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt"
+        args = load_torch_file(rank_file, reader)[0]["args"]
+        assert args.exit_signal.value == 15 and args.model_type.value == 1 and args.fp8_recipe.value == "delayed"
+        assert args.cuda_graph_modules[0].value == 1 and args.num_layers == cfg.num_layers
+    assert not any(m.startswith("megatron") for m in sys.modules)  # the enums were never imported
+
+
+@needs_torch
 def test_release_directory_and_bf16_weights(tmp_path):
     cfg, weights, src = F.build_checkpoint(tmp_path / "src", "llama", 2, 1, "core", release=True, dtype="bfloat16")
     report = convert_checkpoint(src, tmp_path / "dst", 1, 1, verify=True)
@@ -287,4 +318,7 @@ def test_mindtron_checkpoint_with_every_option_reshards_and_verifies(tmp_path):
         np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
     with pytest.raises(ValueError, match=r"attn_post_norm.(weight|bias) has no place in Megatron's legacy GPT"):
         convert_checkpoint(tmp_path / "src", tmp_path / "meg", target_format="megatron-legacy")
+    if HAVE_TORCH:
+        with pytest.raises(ValueError, match=r"attn_post_norm.(weight|bias) has no place in Megatron-Core's GPT"):
+            convert_checkpoint(tmp_path / "src", tmp_path / "meg", target_format="megatron-torch-dist")
     assert not (tmp_path / "meg").exists()  # refused before anything was written

@@ -1,6 +1,9 @@
 """Converted checkpoints loaded at tensor-parallel 2 and at two pipeline stages (one 2-rank msrun launch): a
 Megatron TP=2 x PP=2 checkpoint converted to TP=1, and from there back to TP=2 (and to PP=2), computes the
-same logits as the TP=1 model and as the float64 reference of the source weights."""
+same logits as the TP=1 model and as the float64 reference of the source weights; so do a Megatron-Core
+checkpoint whose arguments hold signal.Signals and Megatron's enums, and a torch_dist checkpoint of TP=2
+shards, each converted straight to TP=2."""
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,27 @@ def test_tp1_and_back_to_tp2_and_pp2_give_the_same_logits(tmp_path: Path):
             convert_checkpoint(one, out, tp, pp)  # mindtron -> mindtron: the resharding path
             cases.append({"name": f"{name}/tp{tp}_pp{pp}", "model": name, "dir": str(out), "tp": tp, "pp": pp,
                           "tokens": tokens.tolist()})
+    import convert_dist as D  # PyTorch's DCP writes the torch_dist checkpoint
+
+    cfg = F.config("llama")
+    for kind in ("enum_args", "torch_dist"):
+        weights = F.random_weights(cfg, 4)
+        src = tmp_path / f"{kind}_megatron"
+        with F.megatron_enum_modules() as enums:
+            args = F.megatron_core_args(cfg, 2, 1, enums)
+            if kind == "enum_args":
+                shards = F.megatron_shards(cfg, weights, 2, 1)
+                F.save_with_torch(src, {k: F.core_model_state(v) for k, v in shards.items()}, args)
+            else:
+                whole = {k: v for k, v in F.core_model_state(weights).items() if "_extra_state" not in k}
+                common = {"args": argparse.Namespace(**args), "checkpoint_version": 3.0, "iteration": 20}
+                D.write_single(src, whole, cfg.num_layers, True, D.saved_bytes([common]).getvalue(), tp=2)
+        out = tmp_path / f"{kind}_tp2"
+        convert_checkpoint(src, out, 2, 1)
+        tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, cfg.seq_length))
+        expected[kind] = tp1[kind] = reference_logits(cfg, weights, tokens)
+        cases.append({"name": f"{kind}/tp2_pp1", "model": kind, "config_name": "llama", "dir": str(out), "tp": 2,
+                      "pp": 1, "tokens": tokens.tolist()})
     per_rank = run_on_ranks(2, "tests/convert_worker.py:main", {"cases": cases}, timeout=600)
     for case in cases:
         name = case["model"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert_bytes import BFloat16, Call, Global, write_torch_zip
+from convert_bytes import BFloat16, Call, Global, Obj, write_torch_zip
+from mindtron.convert.spec import spec_from_megatron_args
 from mindtron.convert.torch_reader import (CheckpointFormatError, TorchDtype, UnsafeCheckpointError, is_placeholder,
                                            load_torch_file, read_torch_file, read_torch_file_with_report)
 from mindtron.convert.torch_writer import write_torch_file
@@ -99,7 +100,8 @@ class _Exploit:
         return os.system, (self.command,)
 
 
-@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "subprocess.Popen", "nested"])
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "subprocess.Popen", "nested", "signal.signal",
+                                     "importlib.import_module", "types.FunctionType"])
 def test_malicious_pickles_are_refused_without_running(tmp_path, payload):
     marker = tmp_path / "pwned"
     command = f"touch {marker}"
@@ -111,10 +113,14 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, payload):
         write_torch_zip(path, {"model": Call(Global("builtins", "exec"), f"import os; os.system('{command}')")})
     elif payload == "subprocess.Popen":
         write_torch_zip(path, {"args": Call(Global("subprocess", "Popen"), ("touch", str(marker)))})
-    else:  # hidden inside a harmless-looking call's arguments
+    elif payload == "nested":  # hidden inside a harmless-looking call's arguments
         write_torch_zip(path, {"model": {"w": np.ones(2, np.float32)},
                                "x": Call(Global("collections", "OrderedDict"),
                                          (Call(Global("posix", "system"), command),))})
+    else:  # functions of modules whose enum classes are allowed (signal.Signals) stay refused
+        module, name = payload.split(".")
+        write_torch_zip(path, {"args": argparse.Namespace(
+            exit_signal=Call(Global("signal", "Signals"), 15), x=Call(Global(module, name), 15, command))})
     for reader in ("python", "torch"):
         if reader == "torch" and "torch" not in sys.modules:
             continue
@@ -169,3 +175,32 @@ def test_truncated_and_corrupted_files_give_clear_errors(tmp_path):
         read_torch_file(tmp_path / "short.pt")
     with pytest.raises(FileNotFoundError):
         read_torch_file(tmp_path / "missing.pt")
+
+
+def test_enum_signal_path_and_dataclass_arguments_load_as_inert_values(tmp_path):
+    """What Megatron-Core 0.19 stores in `args` and beside it: signal.Signals and Megatron's enums (a call of the
+    class with the value), a path, a dataclass-like object (NEWOBJ + BUILD) and a SimpleNamespace. They load
+    as data without importing or calling anything; enum values are readable, also by the model settings."""
+    megatron = "megatron.core.enums"
+    args = argparse.Namespace(
+        num_layers=2, hidden_size=32, num_attention_heads=4, exit_signal=Call(Global("signal", "Signals"), 15),
+        model_type=Call(Global(megatron, "ModelType"), 1), fp8_recipe=Call(Global(megatron, "Fp8Recipe"), "delayed"),
+        attention_backend=Call(Global("megatron.core.transformer.enums", "AttnBackend"), 5),
+        position_embedding_type=Call(Global("my_project.enums", "Positions"), "rope"),
+        save=Call(Global("pathlib", "PosixPath"), "/ckpt", "run1"),
+        heterogeneous=Obj(Global("types", "SimpleNamespace"), {"num_layers": 2}))
+    write_torch_zip(tmp_path / "m.pt", {"args": args, "optimizer": {
+        "config": Obj(Global("megatron.core.optimizer", "OptimizerConfig"), {"lr": 3e-4, "optimizer": "adam"})}})
+    got, placeholders = read_torch_file_with_report(tmp_path / "m.pt")
+    stored = got["args"]
+    assert is_placeholder(stored.exit_signal) and stored.exit_signal.value == 15
+    assert (stored.model_type.value, stored.fp8_recipe.value, stored.attention_backend.value) == (1, "delayed", 5)
+    assert stored.save.args == ("/ckpt", "run1") and stored.heterogeneous.num_layers == 2
+    config = got["optimizer"]["config"]
+    assert is_placeholder(config) and config.fields == {"lr": 3e-4, "optimizer": "adam"} and config.value is None
+    assert placeholders == {"signal.Signals": 1, f"{megatron}.ModelType": 1, f"{megatron}.Fp8Recipe": 1,
+                            "megatron.core.transformer.enums.AttnBackend": 1, "my_project.enums.Positions": 1,
+                            "pathlib.PosixPath": 1, "megatron.core.optimizer.OptimizerConfig": 1}
+    assert not any(m.startswith(("megatron", "my_project")) for m in sys.modules)  # nothing was imported
+    spec = spec_from_megatron_args(vars(stored), {})  # an enum-valued model argument counts by its value
+    assert spec.fields["position_embedding_type"] == "rope"

@@ -19,9 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The converter's own options (model flags are parsed separately, by Megatron's flag table)."""
     p = argparse.ArgumentParser(
         prog="python -m mindtron.convert", allow_abbrev=False,
-        description="Convert Megatron-LM checkpoints (legacy or Megatron-Core models, torch.save format) to mindtron "
-                    "checkpoints and back, for any tensor x pipeline parallel layout. Megatron's model flags "
-                    "(--num-layers, --swiglu, ...) override the checkpoint's stored arguments.")
+        description="Convert Megatron-LM checkpoints (legacy or Megatron-Core models; torch or torch_dist format) "
+                    "to mindtron checkpoints and back, for any tensor x pipeline parallel layout. Megatron's model "
+                    "flags (--num-layers, --swiglu, ...) override the checkpoint's stored arguments.")
     p.add_argument("--load-dir", "--load", dest="load_dir", required=True, help="checkpoint directory to read")
     p.add_argument("--save-dir", "--save", dest="save_dir", required=True, help="directory to write")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="tensor-parallel size of the output")
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-format", choices=SOURCE_FORMATS, default="auto",
                    help="how the source names its tensors (default: detected)")
     p.add_argument("--target-format", choices=TARGET_FORMATS, default="mindtron",
-                   help="mindtron (default) or megatron-legacy (a checkpoint Megatron-LM loads)")
+                   help="mindtron (default), megatron-legacy (Megatron-LM's legacy model, torch format) or "
+                        "megatron-torch-dist (Megatron-Core, torch_dist format; needs PyTorch)")
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracker's)")
     p.add_argument("--verify", action="store_true",
                    help="load the result into GPTModel and compare its logits with the source weights'")
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader", choices=("auto", "python", "torch"), default="auto",
                    help="how torch.save files are read: mindtron's safe reader, or PyTorch if installed")
     p.add_argument("--megatron-release", action="store_true",
-                   help="with --target-format megatron-legacy: write the 'release' directory (Megatron loads it "
+                   help="with a megatron target format: write the 'release' directory (Megatron loads it "
                         "without optimizer and RNG state)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from mindtron.convert.megatron_dist import FORMAT as DIST_FORMAT
+from mindtron.convert.megatron_dist_writer import write_megatron_dist_checkpoint
 from mindtron.convert.megatron_source import FORMATS as MEGATRON_FORMATS
 from mindtron.convert.megatron_source import read_megatron_checkpoint
 from mindtron.convert.megatron_writer import write_megatron_checkpoint
@@ -19,8 +21,8 @@ from mindtron.convert.model_state import FullCheckpoint
 from mindtron.convert.report import ConversionReport
 from mindtron.convert.verify import verify_logits
 
-SOURCE_FORMATS = ("auto", "megatron-legacy", "megatron-core", "mindtron")
-TARGET_FORMATS = ("mindtron", "megatron-legacy")
+SOURCE_FORMATS = ("auto", "megatron-legacy", "megatron-core", DIST_FORMAT, "mindtron")
+TARGET_FORMATS = ("mindtron", "megatron-legacy", DIST_FORMAT)
 
 
 def read_checkpoint(load_dir, source_format: str = "auto", overrides: Optional[Mapping[str, Any]] = None,
@@ -48,6 +50,11 @@ def write_checkpoint(full: FullCheckpoint, save_dir, target_format: str, tp: int
         if num_layer_list:
             raise ValueError("--target-num-layer-list: Megatron-LM's legacy checkpoints split layers evenly; drop it")
         write_megatron_checkpoint(full, save_dir, tp, pp, report, megatron_release, show_progress)
+    elif target_format == DIST_FORMAT:
+        if num_layer_list:
+            raise ValueError("--target-num-layer-list: a torch_dist checkpoint holds the layers of the whole model "
+                             "(Megatron lays them out over its pipeline stages when it loads them); drop it")
+        write_megatron_dist_checkpoint(full, save_dir, tp, pp, report, megatron_release, show_progress)
     else:
         raise ValueError(f"--target-format {target_format!r}: use one of {', '.join(TARGET_FORMATS)}")
 
@@ -71,8 +78,7 @@ def convert_checkpoint(load_dir, save_dir, target_tp: int = 1, target_pp: int = 
     write_checkpoint(full, save_dir, target_format, target_tp, target_pp, report, num_layer_list, megatron_release,
                      show_progress)
     if verify:
-        written = read_checkpoint(save_dir, "mindtron" if target_format == "mindtron" else "megatron-legacy",
-                                  reader="python")
+        written = read_checkpoint(save_dir, target_format, reader="python")
         try:
             report.verify = verify_logits(full.spec.config(), full.tensors, written.spec.config(), written.tensors,
                                           full.spec.true_vocab_size, tolerance=verify_tolerance)

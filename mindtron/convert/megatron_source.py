@@ -1,5 +1,5 @@
 """Reading a Megatron-LM checkpoint directory (legacy or Megatron-Core model, torch.save format) into a
-whole model.
+whole model; a directory in the torch_dist format is handed to `megatron_dist`.
 
     <load>/latest_checkpointed_iteration.txt            an iteration number, or "release"
     <load>/iter_0000100/mp_rank_00/model_optim_rng.pt  (or release/...), one file per model-parallel rank:
@@ -11,7 +11,6 @@ entries are converted; the rest is listed in the summary as not converted.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -20,21 +19,24 @@ import numpy as np
 
 from mindtron.convert import names as N
 from mindtron.convert import names_core, names_legacy
+from mindtron.convert.megatron_dist import FORMAT as DIST_FORMAT
+from mindtron.convert.megatron_dist import is_dist_checkpoint, read_megatron_dist_checkpoint
 from mindtron.convert.model_state import FullCheckpoint, ShardState, assemble, observe_shapes, validate
 from mindtron.convert.qkv_order import check_version, to_current_order
 from mindtron.convert.report import ConversionReport, Progress
-from mindtron.convert.spec import ModelSpec, spec_from_megatron_args
+from mindtron.convert.spec import ModelSpec, megatron_args_dict, spec_from_megatron_args
 from mindtron.convert.torch_reader import is_placeholder, load_torch_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?$")
 _METADATA_KEYS = ("args", "checkpoint_version", "iteration")
-FORMATS = ("megatron-legacy", "megatron-core")
+FORMATS = ("megatron-legacy", "megatron-core", DIST_FORMAT)
 
 
 def find_checkpoint_dir(load_dir, iteration: Optional[int] = None) -> Tuple[Path, int, bool]:
-    """(directory holding the mp_rank_* folders, iteration, is release) of a Megatron checkpoint."""
+    """(iteration directory: the mp_rank_* folders or a torch_dist checkpoint, iteration, is release) of a
+    Megatron checkpoint."""
     root = Path(load_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"--load-dir {root} does not exist")
@@ -57,20 +59,15 @@ def find_checkpoint_dir(load_dir, iteration: Optional[int] = None) -> Tuple[Path
         if not directory.is_dir():
             raise FileNotFoundError(f"{tracker} names {directory.name}, which does not exist; pass --iteration N")
         return directory, number, release
-    if any(_RANK_DIR.match(p.name) for p in root.iterdir()):  # pointed at an iteration directory itself
+    if any(_RANK_DIR.match(p.name) for p in root.iterdir()) or is_dist_checkpoint(root):  # an iteration directory
         match = re.match(r"^iter_(\d+)$", root.name)
         return root, int(match.group(1)) if match else 0, root.name == "release"
-    raise FileNotFoundError(f"{root} has no {TRACKER} and no mp_rank_* folders; point --load-dir at a Megatron "
-                            "checkpoint directory (or pass --iteration N)")
+    raise FileNotFoundError(f"{root} has no {TRACKER}, no mp_rank_* folders and no .metadata; point --load-dir at "
+                            "a Megatron checkpoint directory (or pass --iteration N)")
 
 
 def rank_files(directory: Path) -> Dict[Tuple[int, int], Path]:
     """(tensor rank, pipeline rank) -> model_optim_rng.pt for every model-parallel rank in `directory`."""
-    if any(directory.glob("*.distcp")) or (directory / "metadata.json").exists() or \
-            (directory / ".metadata").exists():
-        raise ValueError(f"{directory} is a distributed (torch_dist) checkpoint, which the converter does not read; "
-                         "have Megatron-LM re-save it in the torch format (--ckpt-convert-format torch "
-                         "--ckpt-convert-save DIR) and convert that")
     files: Dict[Tuple[int, int], Path] = {}
     for sub in sorted(directory.iterdir()):
         match = _RANK_DIR.match(sub.name)
@@ -93,16 +90,6 @@ def rank_files(directory: Path) -> Dict[Tuple[int, int], Path]:
         raise FileNotFoundError(f"{directory} lacks {missing}: a checkpoint with tensor x pipeline parallel "
                                 f"{tp} x {pp} needs every rank's folder")
     return files
-
-
-def _args_dict(args: Any, where: Path) -> Dict[str, Any]:
-    if args is None:
-        return {}
-    if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    if isinstance(args, Mapping):
-        return dict(args)
-    raise ValueError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
 
 
 def _model_chunks(state: Mapping[str, Any], where: Path) -> List[Mapping[str, Any]]:
@@ -169,6 +156,12 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
                              show_progress: bool = True) -> FullCheckpoint:
     """The whole model of a Megatron-LM checkpoint, with settings from its stored args and `overrides`."""
     directory, number, release = find_checkpoint_dir(load_dir, iteration)
+    if is_dist_checkpoint(directory):
+        return read_megatron_dist_checkpoint(directory, number, release, load_dir, overrides, report, source_format,
+                                             reader, show_progress)
+    if source_format == DIST_FORMAT:
+        raise ValueError(f"{directory} is not a torch_dist checkpoint (it has no .metadata); drop --source-format "
+                         f"{DIST_FORMAT}")
     files = rank_files(directory)
     tp = 1 + max(t for t, _ in files)
     pp = 1 + max(p for _, p in files)
@@ -187,7 +180,7 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
             raise ValueError(f"{path} holds a {type(state).__name__}, not a Megatron checkpoint dict")
         version = check_version(state.get("checkpoint_version", 0), str(path))
         if spec is None:
-            args = _args_dict(state.get("args"), path)
+            args = megatron_args_dict(state.get("args"), str(path))
             if not args and not overrides:
                 raise ValueError(f"{path} stores no arguments; give the model settings on the command line "
                                  "(--num-layers, --hidden-size, --num-attention-heads, ...)")

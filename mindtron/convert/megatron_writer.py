@@ -38,8 +38,9 @@ def megatron_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def megatron_args(full: FullCheckpoint, tp: int, pp: int) -> argparse.Namespace:
-    """The argument namespace stored in every rank's file."""
+def megatron_args(full: FullCheckpoint, tp: int, pp: int, ckpt_format: str = "torch") -> argparse.Namespace:
+    """The argument namespace stored in the checkpoint: the legacy model in the torch format, or (for
+    `ckpt_format` "torch_dist") a Megatron-Core model saved without optimizer and RNG state."""
     spec = full.spec
     rows = spec.vocab_rows_for(tp)
     config = spec.config(rows)
@@ -50,8 +51,13 @@ def megatron_args(full: FullCheckpoint, tp: int, pp: int) -> argparse.Namespace:
                 virtual_pipeline_model_parallel_size=None, padded_vocab_size=rows,
                 make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
                 iteration=full.iteration, consumed_train_samples=full.consumed_samples, consumed_valid_samples=0,
-                skipped_train_samples=0, use_mcore_models=False, use_legacy_models=True, transformer_impl="local",
-                ckpt_format="torch")
+                skipped_train_samples=0, ckpt_format=ckpt_format)
+    if ckpt_format == "torch":
+        args.update(use_mcore_models=False, use_legacy_models=True, transformer_impl="local")
+    else:  # Megatron-Core; no_save_* tell Megatron's loader not to look for optimizer and RNG state
+        impl = args.get("transformer_impl")
+        args.update(use_mcore_models=True, use_legacy_models=False, no_save_optim=True, no_save_rng=True,
+                    transformer_impl=impl if impl in ("local", "transformer_engine") else "transformer_engine")
     if spec.tokenizer_type is not None:
         args["tokenizer_type"] = spec.tokenizer_type
     return argparse.Namespace(**args)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mindtron.convert.safe_pickle import plain_value
 from mindtron.legacy_model.config import TransformerConfig, pad_vocab_size
 
 # Megatron argument names (dests) the converter reads; an override of any other flag is reported as ignored.
@@ -205,9 +207,21 @@ class ModelSpec:
                 f"{tie}, {'biases' if c.add_bias_linear else 'no linear biases'}")
 
 
+def megatron_args_dict(args: Any, where: str) -> Dict[str, Any]:
+    """Megatron's stored argument namespace (or a dict of it) as a dict; {} when there is none."""
+    if args is None:
+        return {}
+    if isinstance(args, (argparse.Namespace, SimpleNamespace)):
+        return dict(vars(args))
+    if isinstance(args, Mapping):
+        return dict(args)
+    raise ValueError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
+
+
 def spec_from_megatron_args(stored: Mapping[str, Any], overrides: Mapping[str, Any]) -> ModelSpec:
-    """The ModelSpec of Megatron-named `stored` arguments with command-line `overrides` applied."""
-    args = dict(stored)
+    """The ModelSpec of Megatron-named `stored` arguments with command-line `overrides` applied. Arguments
+    stored as enum members (inert placeholders when read from a checkpoint) count by their values."""
+    args = {k: plain_value(v) if k in MODEL_ARGS else v for k, v in stored.items()}
     args.update(overrides)
     if overrides.get("num_query_groups") is not None and "group_query_attention" not in overrides:
         args["group_query_attention"] = True  # giving the groups means grouped-query attention
