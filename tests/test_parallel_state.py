@@ -10,7 +10,8 @@ from mindtron.parallel_core import parallel_state as ps
 DENSE_KINDS = {"tp": {"tp"}, "pp": {"pp"}, "cp": {"cp"}, "dp": {"dp"}, "dp-cp": {"dp", "cp"},
                "tp-pp": {"tp", "pp"}, "tp-cp": {"tp", "cp"}, "tp-dp": {"tp", "dp"},
                "tp-dp-cp": {"tp", "dp", "cp"}}
-EXPERT_KINDS = {"ep": {"ep"}, "expert-tp": {"etp"}, "tp-ep": {"etp", "ep"}, "expert-dp": {"edp"},
+EXPERT_KINDS = {"ep": {"ep"}, "expert-tp": {"etp"}, "tp-ep": {"etp", "ep"}, "tp-ep-pp": {"etp", "ep", "pp"},
+                "expert-dp": {"edp"},
                 "expert-dp-cp": {"edp"}}
 
 

@@ -121,7 +121,7 @@ def generate_rank_groups(layout: ParallelLayout) -> Dict[str, List[List[int]]]:
     """Every group of every kind for `layout`, without communicating.
 
     Kinds: tp, pp, cp, dp, dp-cp, tp-pp (model parallel), tp-cp, tp-dp, tp-dp-cp, and on the expert grid
-    ep, expert-tp, tp-ep (expert tp x ep: where tokens are dispatched), expert-dp (expert-dp-cp is the same
+    ep, expert-tp, tp-ep (expert tp x ep: where tokens are dispatched), tp-ep-pp, expert-dp (expert-dp-cp is the same
     group: the expert grid has no cp axis), and embedding, position-embedding.
     """
     dense_names = [n for n in layout.order if n != "ep"]
@@ -141,6 +141,7 @@ def generate_rank_groups(layout: ParallelLayout) -> Dict[str, List[List[int]]]:
         "dp-cp": dense("dp", "cp"), "tp-pp": dense("tp", "pp"), "tp-cp": dense("tp", "cp"),
         "tp-dp": dense("tp", "dp"), "tp-dp-cp": dense("tp", "dp", "cp"),
         "ep": expert("ep"), "expert-tp": expert("tp"), "tp-ep": expert("tp", "ep"),
+        "tp-ep-pp": expert("tp", "ep", "pp"),
         "expert-dp": expert("dp"), "expert-dp-cp": expert("dp"),
     }
     # The first and last pipeline stages share the word embedding (tied output layer); the first stage
@@ -274,6 +275,11 @@ def get_tensor_and_expert_parallel_group() -> ProcessGroup:
 
 
 get_expert_tensor_and_model_parallel_group = get_tensor_and_expert_parallel_group  # Megatron-Core's newer name
+
+
+def get_expert_tensor_model_pipeline_parallel_group() -> ProcessGroup:
+    """Expert tp x ep x pp ranks: together they hold every expert of the model once."""
+    return _group("tp-ep-pp")
 
 
 def get_expert_tensor_parallel_group() -> ProcessGroup:

@@ -18,12 +18,23 @@ from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 
 
-@dataclass
-class _Entry:
-    values: np.ndarray                       # [num_layers]
-    reduce_group: Optional[object] = None    # summed over this group
-    avg_group: Optional[object] = None       # then averaged over this one
-    needs_dp_avg: bool = True                # then averaged over data parallel
+# How each statistic is reduced over the job, as Megatron's routers record them: (group summed over, group
+# averaged over, then averaged over data parallel). Fixed per name, so that every rank (also a pipeline
+# stage without MoE layers) takes part in the same collectives.
+REDUCTIONS = {
+    "load_balancing_loss": ("tp-cp", None, True),
+    "seq_load_balancing_loss": ("tp-cp", None, True),
+    "global_load_balancing_loss": ("tp-dp-cp", None, False),
+    "z_loss": (None, "tp-dp-cp", True),
+}
+
+
+def _group(kind: Optional[str]):
+    if kind is None:
+        return None
+    if kind == "tp-cp":
+        return ps.get_tensor_and_context_parallel_group()
+    return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
 
 
 @dataclass
@@ -45,17 +56,15 @@ class MoEMetricsTracker:
     """Collects router statistics during an iteration and reduces them at its end."""
 
     def __init__(self):
-        self._entries: Dict[str, _Entry] = {}
+        self._values: Dict[str, np.ndarray] = {}         # name -> [num_layers], this rank's sums
         self._tokens: Dict[int, List[np.ndarray]] = {}  # layer -> [routed, kept], this rank's tokens
 
-    def record(self, name: str, value: Tensor, layer_number: int, num_layers: int, reduce_group=None,
-               avg_group=None, needs_dp_avg: bool = True) -> None:
-        """Add a scalar for layer `layer_number` (1-based, global)."""
-        entry = self._entries.get(name)
-        if entry is None:
-            entry = self._entries[name] = _Entry(np.zeros(num_layers, np.float64))
-        entry.values[layer_number - 1] += float(value.asnumpy())
-        entry.reduce_group, entry.avg_group, entry.needs_dp_avg = reduce_group, avg_group, needs_dp_avg
+    def record(self, name: str, value: Tensor, layer_number: int, num_layers: int) -> None:
+        """Add a scalar (a key of REDUCTIONS) for layer `layer_number` (1-based, global)."""
+        if name not in REDUCTIONS:
+            raise KeyError(f"unknown MoE statistic {name!r}; known: {sorted(REDUCTIONS)}")
+        values = self._values.setdefault(name, np.zeros(num_layers, np.float64))
+        values[layer_number - 1] += float(value.asnumpy())
 
     def record_tokens(self, layer_number: int, routed: np.ndarray, kept: np.ndarray) -> None:
         """Add this rank's token counts per expert of one forward of layer `layer_number` (1-based)."""
@@ -66,8 +75,7 @@ class MoEMetricsTracker:
 
     def clear(self) -> None:
         """Forget everything recorded (start of an iteration)."""
-        for entry in self._entries.values():
-            entry.values[:] = 0.0
+        self._values.clear()
         self._tokens.clear()
 
     def report(self, names: List[str], num_layers: int, moe_layers: int, loss_scale: float,
@@ -81,14 +89,14 @@ class MoEMetricsTracker:
         pp_group = ps.get_pipeline_model_parallel_group()
         dp_group = ps.get_data_parallel_group(with_context_parallel=False)
         for name in names:
-            entry = self._entries.get(name) or _Entry(np.zeros(num_layers, np.float64))
-            values = Tensor(entry.values.astype(np.float32))
+            reduce_kind, avg_kind, dp_avg = REDUCTIONS[name]
+            values = Tensor(self._values.get(name, np.zeros(num_layers)).astype(np.float32))
             values = comm.all_reduce(values, pp_group)
-            if entry.reduce_group is not None:
-                values = comm.all_reduce(values, entry.reduce_group)
-            if entry.avg_group is not None:
-                values = comm.all_reduce(values, entry.avg_group) / entry.avg_group.size
-            if entry.needs_dp_avg:
+            if reduce_kind is not None:
+                values = comm.all_reduce(values, _group(reduce_kind))
+            if avg_kind is not None:
+                values = comm.all_reduce(values, _group(avg_kind)) / _group(avg_kind).size
+            if dp_avg:
                 values = comm.all_reduce(values, dp_group) / dp_group.size
             per_layer = values.asnumpy().astype(np.float64) * loss_scale
             stats.per_layer[name] = per_layer.tolist()

@@ -140,8 +140,7 @@ class TopKRouter(nn.Cell):
         coeff = coeff / tp_cp.size  # each tp x cp rank holds part of the tokens: average, not sum
         z_loss = ops.square(ops.logsumexp(logits.astype(ms.float32), -1, False)).mean() * coeff
         if counting():
-            get_moe_metrics_tracker().record("z_loss", z_loss / coeff, self.layer_number, self.num_layers,
-                                             avg_group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+            get_moe_metrics_tracker().record("z_loss", z_loss / coeff, self.layer_number, self.num_layers)
         return attach_aux_loss(logits, z_loss)
 
     def _scores_and_choice(self, logits: Tensor) -> Tuple[Tensor, np.ndarray]:
@@ -211,7 +210,7 @@ class TopKRouter(nn.Cell):
             probs = probs * Tensor(routing_map.astype(np.float32))
         if self.training:
             probs = self._aux_losses(probs, logits, s, b)
-        if counting():
+        if counting() and self.training:
             if self.expert_bias is not None:
                 self.local_tokens_per_expert += routing_map.sum(0)
             get_moe_metrics_tracker().record_tokens(self.layer_number, routed.sum(0), (routed & routing_map).sum(0))
@@ -248,8 +247,7 @@ class TopKRouter(nn.Cell):
             aux = _switch_loss(scores, counts, total, k, E, coeffs["aux_loss"])
             probs = attach_aux_loss(probs, aux)
             if track:
-                tracker.record("load_balancing_loss", aux / coeffs["aux_loss"], self.layer_number,
-                               self.num_layers, reduce_group=tp_cp)
+                tracker.record("load_balancing_loss", aux / coeffs["aux_loss"], self.layer_number, self.num_layers)
         if coeffs["seq_aux_loss"] > 0:
             # each sequence on its own: [s, b * E] columns are (sample, expert) pairs
             seq_scores = scores.reshape(s, b * E)
@@ -258,7 +256,7 @@ class TopKRouter(nn.Cell):
             probs = attach_aux_loss(probs, aux)
             if track:
                 tracker.record("seq_load_balancing_loss", aux / coeffs["seq_aux_loss"], self.layer_number,
-                               self.num_layers, reduce_group=tp_cp)
+                               self.num_layers)
         if coeffs["global_aux_loss"] > 0:
             tp_dp_cp = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
             counts = _sum_counts(routing.sum(0), tp_dp_cp)
@@ -270,7 +268,7 @@ class TopKRouter(nn.Cell):
             probs = attach_aux_loss(probs, aux)
             if track:
                 tracker.record("global_load_balancing_loss", aux / coeffs["global_aux_loss"], self.layer_number,
-                               self.num_layers, reduce_group=tp_dp_cp, needs_dp_avg=False)
+                               self.num_layers)
         return probs
 
     def reset_step_statistics(self) -> None:

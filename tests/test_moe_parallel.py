@@ -1,0 +1,54 @@
+"""MoE under expert parallelism: every layout trains the single-process MoE GPT's loss curve with the same
+gradient norms, auxiliary losses and token counts (EP=2 and EP=4, allgather vs alltoall dispatcher, grouped
+experts, the distributed optimizer, EP with TP + sequence parallel, expert tensor parallel 1, EP x PP)."""
+import numpy as np
+import pytest
+
+from multiproc import run_on_ranks
+from workers import moe_checks
+
+LAYOUTS_2 = ["ep2_allgather", "ep2_alltoall", "ep2_grouped", "ep2_distopt", "tp2_sp_ep2_etp1"]
+LAYOUTS_4 = ["ep4_alltoall", "ep2_tp2_sp", "ep2_tp2_sp_alltoall", "ep2_pp2"]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    return moe_checks.run()
+
+
+@pytest.fixture(scope="module")
+def moe_layouts():
+    """layout -> per-rank results, from one 2-rank and one 4-rank launch."""
+    runs = {}
+    for n, target in ((2, "layouts_2"), (4, "layouts_4")):
+        for result in run_on_ranks(n, f"tests/workers/moe_checks.py:{target}", timeout=1800):
+            for layout, value in result.items():
+                runs.setdefault(layout, []).append(value)
+    return runs
+
+
+def test_single_process_moe_run_trains_and_balances(single_process):
+    losses = single_process["loss"]
+    assert len(losses) == moe_checks.STEPS and losses[-1] < losses[0]
+    for stats in single_process["moe_losses"]:
+        assert set(stats) == {"load_balancing_loss", "z_loss"}
+        assert 0.9 < stats["load_balancing_loss"] < 2.0  # 1 is perfect balance
+    for tokens in single_process["tokens"]:
+        assert sorted(tokens) == [0, 2]  # layers 0 and 2 are MoE
+        assert all(sum(c) == 8 * 16 * 2 for c in tokens.values())  # global batch 8 x seq 16, top-2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_2 + LAYOUTS_4)
+def test_expert_parallel_layouts_give_the_single_process_run(single_process, moe_layouts, layout):
+    results = moe_layouts[layout]
+    last = [r for r in results if r["last_stage"]]
+    assert last, layout
+    for rank, result in enumerate(last):
+        np.testing.assert_allclose(result["loss"], single_process["loss"], rtol=1e-5, err_msg=f"{layout} loss")
+        np.testing.assert_allclose(result["grad_norm"], single_process["grad_norm"], rtol=1e-5,
+                                   err_msg=f"{layout} gradient norm")
+    for result in results:  # every rank reports the same reduced statistics
+        for got, want in zip(result["moe_losses"], single_process["moe_losses"]):
+            for name in want:
+                assert abs(got[name] - want[name]) <= 1e-5 * abs(want[name]), (layout, name, got, want)
+        assert result["tokens"] == single_process["tokens"], layout

@@ -1,0 +1,53 @@
+"""MoE training runs under expert-parallel layouts; each returns its loss curve, gradient norms and MoE
+statistics, so tests can compare them with the single-process run. Used in one process (pytest itself)
+and on 2 and 4 ranks through run_on_ranks."""
+from mindtron.parallel_core.moe import MoEConfig
+from workers.training_checks import make_config, train
+
+STEPS = 4
+
+
+def moe_options(**moe) -> dict:
+    """A tiny Mixtral-style MoE GPT (RMSNorm, RoPE, SwiGLU experts): layers 0 and 2 of 4 MoE (GShard style), 4
+    experts, top-2, aux and z losses."""
+    settings = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=2, moe_aux_loss_coeff=0.01,
+                    moe_z_loss_coeff=1e-3)
+    settings.update(moe)
+    return {"moe_config": MoEConfig(**settings)}
+
+
+def run(ep=1, tp=1, sp=False, pp=1, etp=None, steps=STEPS, moe=None, **training) -> dict:
+    """pretrain() of the MoE GPT under a layout; the result of training_checks.train plus MoE statistics."""
+    stats = []
+
+    def keep(trainer):
+        stats.extend(r.moe for r in trainer.history)
+
+    config = make_config(tp=tp, sp=sp, pp=pp, ep=ep, etp=etp, steps=steps, model_options=moe_options(**(moe or {})),
+                         eval_interval=None, eval_iters=0, **training)
+    result = train(config, on_finish=keep)
+    result["moe_losses"] = [s.losses for s in stats]
+    result["tokens"] = [{k: v.tolist() for k, v in s.tokens_per_expert.items()} for s in stats]
+    return result
+
+
+def layouts_2() -> dict:
+    """On 2 ranks: EP=2 with either dispatcher, grouped experts, the distributed optimizer; TP=2 with sequence
+    parallel and its experts spread over the two ranks (expert tensor parallel 1, EP=2)."""
+    return {
+        "ep2_allgather": run(ep=2),
+        "ep2_alltoall": run(ep=2, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "ep2_grouped": run(ep=2, moe={"moe_token_dispatcher_type": "alltoall", "moe_grouped_gemm": True}),
+        "ep2_distopt": run(ep=2, use_distributed_optimizer=True),
+        "tp2_sp_ep2_etp1": run(tp=2, sp=True, ep=2, etp=1, moe={"moe_token_dispatcher_type": "alltoall"}),
+    }
+
+
+def layouts_4() -> dict:
+    """On 4 ranks: EP=4; EP=2 x TP=2 (+SP, experts split over tp too); EP=2 x PP=2."""
+    return {
+        "ep4_alltoall": run(ep=4, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "ep2_tp2_sp": run(ep=2, tp=2, sp=True),
+        "ep2_tp2_sp_alltoall": run(ep=2, tp=2, sp=True, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "ep2_pp2": run(ep=2, pp=2, moe={"moe_token_dispatcher_type": "alltoall"}),
+    }
