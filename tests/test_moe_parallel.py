@@ -52,3 +52,14 @@ def test_expert_parallel_layouts_give_the_single_process_run(single_process, moe
             for name in want:
                 assert abs(got[name] - want[name]) <= 1e-5 * abs(want[name]), (layout, name, got, want)
         assert result["tokens"] == single_process["tokens"], layout
+
+
+@pytest.mark.parametrize("layout", ["resume_ep2", "resume_ep2_to_ep1", "resume_ep2_distopt_to_ep1"])
+def test_moe_checkpoints_resume_exactly_also_at_another_expert_parallel_size(moe_layouts, layout):
+    """Saved with EP=2, resumed with EP=2 (bit-exact) or EP=1 (experts regathered from both expert-parallel
+    ranks' directories, with their optimizer state; also through the distributed optimizer's shards)."""
+    for result in moe_layouts[layout]:
+        if layout == "resume_ep2":
+            assert result["resumed"] == result["full"]
+        else:
+            np.testing.assert_allclose(result["resumed"], result["full"], rtol=1e-6, err_msg=layout)

@@ -1,6 +1,11 @@
 """MoE training runs under expert-parallel layouts; each returns its loss curve, gradient norms and MoE
 statistics, so tests can compare them with the single-process run. Used in one process (pytest itself)
 and on 2 and 4 ranks through run_on_ranks."""
+import os
+import shutil
+import tempfile
+
+from mindtron.parallel_core import comm
 from mindtron.parallel_core.moe import MoEConfig
 from workers.training_checks import make_config, train
 
@@ -13,7 +18,7 @@ def moe_options(**moe) -> dict:
     settings = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=2, moe_aux_loss_coeff=0.01,
                     moe_z_loss_coeff=1e-3)
     settings.update(moe)
-    return {"moe_config": MoEConfig(**settings)}
+    return {"moe_config": MoEConfig(**settings), "add_bias_linear": False}
 
 
 def run(ep=1, tp=1, sp=False, pp=1, etp=None, steps=STEPS, moe=None, **training) -> dict:
@@ -31,6 +36,23 @@ def run(ep=1, tp=1, sp=False, pp=1, etp=None, steps=STEPS, moe=None, **training)
     return result
 
 
+def resume_across(first: dict, second: dict, steps: int = STEPS, save_at: int = 2) -> dict:
+    """An uninterrupted run with layout `first`, and the same run stopped and saved at `save_at`, then resumed
+    from the checkpoint with layout `second` (another expert-parallel size, say): the losses must agree."""
+    if "MS_SCHED_PORT" in os.environ:  # every rank of this launch must write into the same directory
+        root = os.path.join(tempfile.gettempdir(), f"mindtron_moe_ckpt_{os.environ['MS_SCHED_PORT']}_{len(str(second))}")
+    else:
+        root = tempfile.mkdtemp(prefix="mindtron_moe_ckpt_")
+    try:
+        full = run(steps=steps, **first)
+        head = run(steps=steps, output_dir=root, exit_interval=save_at, **first)
+        tail = run(steps=steps, load_checkpoint=root, **second)
+    finally:
+        comm.barrier()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"full": full["loss"], "resumed": head["loss"] + tail["loss"], "last_stage": full["last_stage"]}
+
+
 def layouts_2() -> dict:
     """On 2 ranks: EP=2 with either dispatcher, grouped experts, the distributed optimizer; TP=2 with sequence
     parallel and its experts spread over the two ranks (expert tensor parallel 1, EP=2)."""
@@ -40,6 +62,10 @@ def layouts_2() -> dict:
         "ep2_grouped": run(ep=2, moe={"moe_token_dispatcher_type": "alltoall", "moe_grouped_gemm": True}),
         "ep2_distopt": run(ep=2, use_distributed_optimizer=True),
         "tp2_sp_ep2_etp1": run(tp=2, sp=True, ep=2, etp=1, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "resume_ep2": resume_across(dict(ep=2), dict(ep=2)),
+        "resume_ep2_to_ep1": resume_across(dict(ep=2), dict(ep=1)),
+        "resume_ep2_distopt_to_ep1": resume_across(dict(ep=2, use_distributed_optimizer=True),
+                                                   dict(ep=1, use_distributed_optimizer=True)),
     }
 
 
