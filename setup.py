@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Megatron-compatible parallel training for MindSpore in dynamic-graph (PyNative) mode",
     packages=find_packages(include=["mindtron", "mindtron.*"]),
+    # Megatron-LM core_r0.19.0's flag table (mindtron/training/megatron_flags.py reads it)
+    package_data={"mindtron.training": ["megatron_flags_core_r0.19.tsv"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",
@@ -17,5 +19,8 @@ setup(
     # torch is test-only: the converter tests build Megatron checkpoints with the real torch.save (the
     # library never imports it). Pinned to the CPU build (+cpu wheel: pip's index here, or
     # --extra-index-url https://download.pytorch.org/whl/cpu elsewhere).
-    extras_require={"test": ["pytest>=7", "torch==2.13.0"]},
+    # sentencepiece: --tokenizer-type SentencePieceTokenizer / GPTSentencePieceTokenizer / Llama2Tokenizer
+    # (and their tests); transformers: --tokenizer-type HuggingFaceTokenizer.
+    extras_require={"test": ["pytest>=7", "torch==2.13.0", "sentencepiece"],
+                    "sentencepiece": ["sentencepiece"], "huggingface": ["transformers"]},
 )

@@ -82,7 +82,27 @@ def test_null_tokenizer_and_int32_for_large_vocabularies(tmp_path):
     out = preprocess(["--input", str(path), "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
                       "--vocab-size", "80000", "--append-eod", "--workers", "1", "--quiet"])["text"]
     ds, seqs = read(out)
-    assert ds.dtype == np.int32 and seqs == [[1, 2, 3, 80000], [70000, 5, 80000]]
+    assert ds.dtype == np.int32 and seqs == [[1, 2, 3, 79999], [70000, 5, 79999]]  # 0.19: EOD = N - 1
+
+
+def test_null_tokenizer_writes_the_bytes_megatron_core_019_writes(tmp_path):
+    # space-separated ids, NullTokenizer --vocab-size 257 --append-eod: Megatron-Core 0.19 ends every document
+    # with EOD = 256 (0.15 wrote 257); ids are uint16 below 65500 ids.
+    docs = ["3 1 4 1 5", "9 2 6", "255 0"]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prefix = str(tmp_path / "ids")
+    out = preprocess(["--input", str(path), "--output-prefix", prefix, "--tokenizer-type", "NullTokenizer",
+                      "--vocab-size", "257", "--append-eod", "--workers", "1", "--quiet"])["text"]
+    expected = b"".join(np.array([int(x) for x in d.split()] + [256], "<u2").tobytes() for d in docs)
+    with open(out + ".bin", "rb") as f:
+        assert f.read() == expected
+    _, seqs = read(out)
+    assert seqs == [[3, 1, 4, 1, 5, 256], [9, 2, 6, 256], [255, 0, 256]]
+    # the older files: --vocab-size 258 gives 0.15's EOD 257 (or name the id with --null-tokenizer-eod-id)
+    old = preprocess(["--input", str(path), "--output-prefix", str(tmp_path / "old"), "--tokenizer-type",
+                      "NullTokenizer", "--vocab-size", "258", "--append-eod", "--workers", "1", "--quiet"])["text"]
+    assert read(old)[1][0][-1] == 257
 
 
 def test_clear_errors(tmp_path, jsonl):

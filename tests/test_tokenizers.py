@@ -3,13 +3,14 @@ HuggingFace/SentencePiece wrappers, build_tokenizer and the padded vocabulary, a
 import importlib.util
 import json
 import os
+import sys
 import types
 
 import pytest
 
 from mindtron.data.bpe_train import save_vocabulary, train_bpe
-from mindtron.data.tokenizers import (GPT2BPETokenizer, NullTokenizer, build_tokenizer, bytes_to_unicode,
-                                      pretokenize, vocab_size_with_padding)
+from mindtron.data.tokenizers import (GPT2BPETokenizer, NullTokenizer, SentencePieceTokenizer, build_tokenizer,
+                                      bytes_to_unicode, pretokenize, vocab_size_with_padding)
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "gpt", "data")
 
@@ -99,10 +100,16 @@ def test_bundled_vocabulary(bundled):
     assert bundled.detokenize([0xC3]) == "\ufffd"  # half a UTF-8 character decodes with replacement
 
 
-def test_null_tokenizer():
+def test_null_tokenizer_follows_megatron_core_019():
     tok = NullTokenizer(100)
-    assert tok.vocab_size == 101 and tok.eod == 100
+    assert tok.vocab_size == 100 and tok.eod == 99 and tok.pad == -1  # 0.19: N ids, the last is EOD
     assert tok.tokenize("5 17 3") == [5, 17, 3] and tok.detokenize([5, 17, 3]) == "5 17 3"
+    tok = NullTokenizer(100, eod_id=0, pad_id=1)  # --null-tokenizer-eod-id / --null-tokenizer-pad-id
+    assert (tok.vocab_size, tok.eod, tok.pad) == (100, 0, 1)
+    old = NullTokenizer(100 + 1)  # how to reproduce Megatron-Core 0.15's --vocab-size 100
+    assert (old.vocab_size, old.eod) == (101, 100)
+    with pytest.raises(ValueError, match="--null-tokenizer-eod-id 100 is outside the vocabulary 0..99"):
+        NullTokenizer(100, eod_id=100)
 
 
 def args_for(**kw):
@@ -119,7 +126,9 @@ def test_build_tokenizer_selects_and_pads():
     tok = build_tokenizer(args)
     assert isinstance(tok, GPT2BPETokenizer) and args.padded_vocab_size == 1024
     args = args_for(tokenizer_type="NullTokenizer", vocab_size=127)
-    assert build_tokenizer(args).eod == 127 and args.padded_vocab_size == 128
+    assert build_tokenizer(args).eod == 126 and args.padded_vocab_size == 128
+    args = args_for(tokenizer_type="NullTokenizer", vocab_size=129, null_tokenizer_eod_id=5, pad_vocab_size=False)
+    assert build_tokenizer(args).eod == 5 and args.padded_vocab_size == 129  # --no-pad-vocab-size
     args = args_for(vocab_size=1000, tensor_model_parallel_size=3)  # type inferred from --vocab-size
     assert isinstance(build_tokenizer(args), NullTokenizer) and args.padded_vocab_size == 1152
     args = args_for(tokenizer_type="NullTokenizer", vocab_size=10, padded_vocab_size=256)
@@ -144,10 +153,71 @@ def test_tokenizer_errors_name_the_flag(tmp_path):
                                  merge_file=str(tmp_path / "m.txt")))
     with pytest.raises(ValueError, match="not supported.*GPT2BPETokenizer"):
         build_tokenizer(args_for(tokenizer_type="BertWordPieceCase"))
-    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
+    with pytest.raises(ValueError, match="not supported.*GPT2BPETokenizer"):
+        build_tokenizer(args_for(tokenizer_type="TikTokenizer", tokenizer_model="x"))
+
+
+def test_gpt2_special_tokens_as_megatron_core_019(tmp_path, bundled):
+    # 0.19 tokenizes with Hugging Face's gpt2 tokenizer: special tokens in the text are single ids, and a
+    # special token the vocabulary lacks is appended after it.
+    eod = bundled.eod
+    assert bundled.tokenize("a<|endoftext|>b") == bundled.tokenize("a") + [eod] + bundled.tokenize("b")
+    assert bundled.detokenize(bundled.tokenize("x <|endoftext|> y")) == "x <|endoftext|> y"
+    vocab, merges = os.path.join(EXAMPLE, "vocab.json"), os.path.join(EXAMPLE, "merges.txt")
+    extra = build_tokenizer(args_for(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab, merge_file=merges,
+                                     special_tokens=["<tool>", "<|endoftext|>"]))
+    assert extra.vocab_size == 1025 and extra.encoder["<tool>"] == 1024 and extra.eod == eod
+    assert extra.tokenize("hi<tool>") == bundled.tokenize("hi") + [1024]
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match="<\\|endoftext\\|>"):
-        GPT2BPETokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    small = GPT2BPETokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert small.vocab_size == 3 and small.eod == 2  # <|endoftext|> appended after the two entries
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    import io
+
+    texts = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog met a bird"] * 30
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=40,
+                                             model_type="bpe", minloglevel=2)
+    path = tmp_path_factory.mktemp("sp") / "tok.model"
+    path.write_bytes(model.getvalue())
+    return str(path), sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+
+def test_sentencepiece_tokenizers_follow_megatron_core_019(sp_model):
+    path, sp = sp_model
+    for kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        args = args_for(tokenizer_type=kind, tokenizer_model=path)
+        tok = build_tokenizer(args)
+        # the model's pieces are the vocabulary; EOD = eos; no BOS in front (0.15's Llama2Tokenizer had one)
+        assert tok.vocab_size == sp.get_piece_size() == 40 and args.padded_vocab_size == 128
+        assert (tok.eod, tok.bos, tok.pad) == (sp.eos_id(), sp.bos_id(), sp.pad_id()) == (2, 1, -1)
+        assert tok.tokenize("the cat sat") == sp.encode_as_ids("the cat sat")
+        assert tok.detokenize(tok.tokenize("the cat sat")) == "the cat sat"
+    with pytest.raises(ValueError, match="needs --tokenizer-sentencepiece-legacy"):
+        build_tokenizer(args_for(tokenizer_type="SentencePieceTokenizer", tokenizer_model=path,
+                                 special_tokens=["<x>"]))
+
+
+def test_sentencepiece_legacy_special_tokens_and_extra_whitespace(sp_model):
+    path, sp = sp_model
+    piece = sp.id_to_piece(10)  # a piece the model has keeps its id
+    tok = SentencePieceTokenizer(path, special_tokens=["<x>", piece], legacy=True)
+    new, known = tok.special_token_to_id["<x>"], tok.special_token_to_id[piece]
+    assert tok.vocab_size == 41 and new == 40 and known == 10
+    ids = tok.tokenize("the<x> q<x> dog")
+    # between two special tokens a leading lone "▁" is dropped (Megatron's chat-template fix); the tail is not
+    assert sp.encode(" q")[0] == sp.piece_to_id("\u2581")
+    assert ids == sp.encode("the") + [40] + sp.encode(" q")[1:] + [40] + sp.encode(" dog")
+    assert tok.detokenize(sp.encode("the") + [40] + sp.encode(" dog")) == "the <x> dog"
+    plain = SentencePieceTokenizer(path)
+    keep = SentencePieceTokenizer(path, ignore_extra_whitespaces=False)
+    assert plain.removed_extra_spaces and plain.tokenize("a  dog") == sp.encode_as_ids("a dog")
+    assert keep.tokenize("a  dog") != plain.tokenize("a  dog")  # the repeated space is kept as pieces
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
@@ -156,10 +226,10 @@ def test_huggingface_tokenizer_needs_transformers():
         build_tokenizer(args_for(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="gpt2"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed")
-def test_sentencepiece_tokenizer_needs_sentencepiece(tmp_path):
+def test_sentencepiece_tokenizer_needs_sentencepiece(tmp_path, monkeypatch):
     model = tmp_path / "tok.model"
     model.write_bytes(b"\x00")
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if it were not installed
     for kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         with pytest.raises(ImportError, match="pip install sentencepiece"):
             build_tokenizer(args_for(tokenizer_type=kind, tokenizer_model=str(model)))

@@ -1,5 +1,6 @@
 """pretrain() end to end on a tiny GPT: the loss curve is the same for single-process, DP=2, TP=2 and TP=2 with
 sequence parallel given the same global batch; resuming from a checkpoint repeats the uninterrupted run."""
+import os
 import re
 
 import numpy as np
@@ -141,3 +142,43 @@ def test_fp16_optimizer_state_into_fp32_weights_is_a_clear_error(tmp_path):
                                                       model_options=FP16_WEIGHTS, output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="fp32 main copies of fp16/bf16 weights.*--no-load-optim"):
         training_checks.train(training_checks.make_config(steps=6, load_checkpoint=str(tmp_path)))
+
+
+RAMP = {"rampup_batch_size": [2, 2, 12], "eval_interval": None}
+# micro batch 2, one data-parallel rank, final batch 8: (8 - 2) / 2 = 3 increments of 12 / 3 = 4 samples;
+# the batch is 2 + 2 * int(consumed / 4) until more than 12 samples are consumed.
+RAMP_BATCHES = [2, 2, 4, 6, 8, 8]
+
+
+def test_training_runs_through_a_batch_size_ramp(tmp_path):
+    """Each iteration trains the ramp's batch, the sampler hands out exactly the consumed samples in order,
+    the LR scheduler counts samples, a checkpoint is saved whenever the micro-batch count changes (as
+    Megatron does), and a skipped iteration (--iterations-to-skip) reads its batch without training."""
+    result = training_checks.train_recording(training_checks.make_config(steps=6, output_dir=str(tmp_path), **RAMP))
+    assert result["batch"] == RAMP_BATCHES
+    assert result["read"] == list(range(sum(RAMP_BATCHES)))  # 30 samples, in order, once each
+    assert result["scheduler_steps"] == 30 and all(np.isfinite(result["loss"]))
+    saved = sorted(int(d[len("iter_"):]) for d in os.listdir(tmp_path) if d.startswith("iter_"))
+    assert saved == [2, 3, 4, 6]  # before iterations 3, 4, 5 (1 -> 2 -> 3 -> 4 micro-batches) and at the end
+    skipping = training_checks.train_recording(training_checks.make_config(steps=6, iterations_to_skip=[5],
+                                                                            **RAMP))
+    assert skipping["batch"] == RAMP_BATCHES[:4] + RAMP_BATCHES[5:]  # iteration 5's 8 samples are dropped
+    assert skipping["read"] == list(range(30)) and skipping["scheduler_steps"] == 30 - 8
+    assert skipping["loss"][:4] == result["loss"][:4]
+
+
+def test_resume_in_the_middle_of_a_ramp_is_exact():
+    """Stopped after iteration 3 (batch 4 of the ramp) and resumed: the consumed samples from the
+    checkpoint put the ramp, the sampler and the LR schedule where they were."""
+    result = training_checks.resume(steps=6, save_at=3, **RAMP)
+    np.testing.assert_array_equal(result["resumed"], result["full"])
+
+
+def test_step_schedule_equal_to_the_ramp_trains_the_same():
+    """--step-batch-size-schedule thresholds are tokens (divided by the sequence length, 16): this schedule
+    is the ramp above, so the two runs train the same batches and losses."""
+    steps = training_checks.train_recording(training_checks.make_config(
+        steps=6, eval_interval=None, step_batch_size_schedule="0:2 64:4 128:6 208:8"))
+    ramp = training_checks.train_recording(training_checks.make_config(steps=6, **RAMP))
+    assert steps["batch"] == RAMP_BATCHES and steps["read"] == ramp["read"]
+    np.testing.assert_array_equal(steps["loss"], ramp["loss"])

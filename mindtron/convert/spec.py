@@ -26,7 +26,7 @@ MODEL_ARGS = (
     "add_bias_linear", "add_qkv_bias", "add_dense_bias", "untie_embeddings_and_output_weights",
     "apply_query_key_layer_scaling", "use_sandwich_norm", "attn_post_norm_scale", "ffn_post_norm_scale",
     "init_method_std", "attention_dropout", "hidden_dropout", "num_experts", "qk_layernorm",
-    "multi_latent_attention",
+    "multi_latent_attention", "layernorm_zero_centered_gamma",
 )
 # Features mindtron's GPT does not have: a checkpoint that uses one cannot be converted faithfully.
 _UNSUPPORTED = {
@@ -34,6 +34,8 @@ _UNSUPPORTED = {
     "qk_layernorm": "query/key layer norms (--qk-layernorm)",
     "multi_latent_attention": "multi-latent attention (--multi-latent-attention)",
     "apply_layernorm_1p": "LayerNorm with weights stored as 1 + w (--apply-layernorm-1p)",
+    # Megatron-Core's dest for --apply-layernorm-1p (the parser's since core_r0.19.0 and in mcore checkpoints)
+    "layernorm_zero_centered_gamma": "LayerNorm with weights stored as 1 + w (--apply-layernorm-1p)",
     "rotary_interleaved": "interleaved rotary embeddings (--rotary-interleaved)",
     "use_rope_scaling": "Llama-3.1 rope scaling (--use-rope-scaling)",
 }

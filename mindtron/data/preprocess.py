@@ -6,7 +6,8 @@
 
 Each input line is a JSON object; the text under each `--json-keys` key (default "text") becomes one
 document of `<output-prefix>_<key>_document.bin/.idx` (`..._sentence` with `--split-sentences`, where every
-sentence is its own sequence). `--append-eod` ends each document with the tokenizer's EOD id. Token ids are
+sentence is its own sequence). `--append-eod` ends each document with the tokenizer's EOD id (Megatron-Core
+0.19's: a NullTokenizer's `--vocab-size N` writes EOD N - 1). The tokenizer flags are the training parser's. Token ids are
 stored as uint16 when the vocabulary has fewer than 65500 ids, else int32, as Megatron does, and the files
 are byte-compatible with Megatron's. Documents keep their input order whatever `--workers` is.
 """
@@ -167,21 +168,14 @@ class Progress:
 # Command line
 # ------------------------------------------------------------------------------------------------------
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron's tokenizer flags."""
-    g = parser.add_argument_group(title="tokenizer")
-    g.add_argument("--tokenizer-type", type=str, default=None,
-                   help="GPT2BPETokenizer, NullTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer, "
-                        "GPTSentencePieceTokenizer or Llama2Tokenizer")
-    g.add_argument("--vocab-file", type=str, default=None, help="vocab.json of a GPT-2 BPE vocabulary")
-    g.add_argument("--merge-file", type=str, default=None, help="merges.txt of a GPT-2 BPE vocabulary")
-    g.add_argument("--vocab-size", type=int, default=None, help="ids of the NullTokenizer (EOD is this id)")
-    g.add_argument("--vocab-extra-ids", type=int, default=0, help="extra <extra_id_i> tokens (SentencePiece)")
-    g.add_argument("--tokenizer-model", type=str, default=None, help="SentencePiece model / HuggingFace name")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow HuggingFace remote code")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding multiple")
-    g.add_argument("--tokenizer-prompt-format", type=str, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--special-tokens", type=str, nargs="+", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--legacy-tokenizer", action="store_true", help=argparse.SUPPRESS)
+    """Megatron-Core 0.19's tokenizer flags: the training parser's "tokenizer" group, as Megatron's
+    tools/preprocess_data.py takes them (--tokenizer-type, --vocab-file, --merge-file, --vocab-size,
+    --null-tokenizer-eod-id, --tokenizer-model, --tokenizer-special-tokens, ...)."""
+    from mindtron.training import megatron_flags as mf
+
+    group = parser.add_argument_group(title="tokenizer")
+    for flag in mf.GROUPS["tokenizer"]:
+        group.add_argument(*flag.options, **flag.kwargs())
     return parser
 
 
@@ -218,8 +212,11 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.tokenizer_type is None:
         parser.error("--tokenizer-type is required")
     args.keep_empty = False
+    # Megatron's fixed values for the tokenizer (they only size the padded vocabulary, which is not written)
     args.rank = 0
+    args.make_vocab_size_divisible_by = 128
     args.tensor_model_parallel_size = 1
+    args.vocab_extra_ids = 0
     return args
 
 

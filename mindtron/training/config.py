@@ -40,6 +40,17 @@ class TrainingConfig:
     """Samples per iteration over all data-parallel ranks (--global-batch-size); default micro x dp."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per iteration (document 001); with a global batch it is global / (micro x dp)."""
+    rampup_batch_size: Optional[List[int]] = None
+    """Batch-size ramp-up [start, increment, ramp-up samples] towards global_batch_size
+    (--rampup-batch-size; Megatron-Core <= 0.15's meaning, see training/num_microbatches.py)."""
+    step_batch_size_schedule: Optional[str] = None
+    """Step-wise global batch size "THRESHOLD:BS ..." by consumed tokens (samples without a sequence length)
+    (--step-batch-size-schedule, Megatron-Core 0.19)."""
+    decrease_batch_size_if_needed: bool = False
+    """Round the global batch down to a multiple of micro batch x data parallel
+    (--decrease-batch-size-if-needed)."""
+    iterations_to_skip: List[int] = field(default_factory=list)
+    """Iterations whose batch is read and dropped without training (--iterations-to-skip)."""
     bf16: bool = False
     """Compute in bfloat16 with fp32 master weights (--bf16)."""
     fp16: bool = False
@@ -108,6 +119,8 @@ class TrainingConfig:
     """Do not save RNG state (--no-save-rng)."""
     finetune: bool = False
     """Load weights only and start at iteration 0 (--finetune)."""
+    exit_on_missing_checkpoint: bool = False
+    """Stop with an error when load_checkpoint holds no checkpoint (--exit-on-missing-checkpoint)."""
     new_dataset: bool = False
     """Start the data from the beginning even when resuming (document 002)."""
     profile: bool = False
@@ -158,6 +171,9 @@ class DatasetConfig:
     """Drop a last incomplete global batch (document 002)."""
     num_workers: int = 2
     """Data loader workers (--num-workers)."""
+    dataloader_type: str = "single"
+    """"single" (Megatron's sequential pretraining sampler), "cyclic" (a fresh random order each epoch) or
+    "external" (the caller passes the data loader) (--dataloader-type)."""
     tokenizer_type: Optional[str] = None
     """--tokenizer-type."""
     vocab_file: Optional[str] = None

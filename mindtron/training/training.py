@@ -30,6 +30,7 @@ from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward
 from mindtron.training import checkpointing
 from mindtron.training.config import AllConfig
 from mindtron.training.logging import TrainingLogger
+from mindtron.training.num_microbatches import BatchSchedule, build_batch_schedule
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -67,21 +68,26 @@ def gpt_forward(model, batch: Dict[str, Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------------------
 # Building the pieces from the configs
 # --------------------------------------------------------------------------------------------------------
-def num_microbatches(config: AllConfig) -> int:
-    """Micro-batches per iteration: global batch / (micro batch x data parallel)."""
+def batch_schedule(config: AllConfig) -> BatchSchedule:
+    """The run's global batch as a function of consumed samples: constant, --rampup-batch-size or
+    --step-batch-size-schedule (training/num_microbatches.py)."""
     t = config.training_config
     dp = ps.get_data_parallel_world_size()
-    if t.global_batch_size is None:
-        return max(1, t.gradient_accumulation_steps)
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                         f"{t.micro_batch_size} x data-parallel size {dp}")
-    return t.global_batch_size // per_step
+    gbs = t.global_batch_size
+    if gbs is None:
+        gbs = t.micro_batch_size * dp * max(1, t.gradient_accumulation_steps)
+    return build_batch_schedule(gbs, t.micro_batch_size, dp, t.rampup_batch_size, t.step_batch_size_schedule,
+                                config.model_config.seq_length, t.decrease_batch_size_if_needed)
 
 
-def global_batch_size(config: AllConfig) -> int:
-    return num_microbatches(config) * config.training_config.micro_batch_size * ps.get_data_parallel_world_size()
+def num_microbatches(config: AllConfig, consumed_samples: int = 0) -> int:
+    """Micro-batches per iteration after `consumed_samples`: global batch / (micro batch x data parallel)."""
+    return batch_schedule(config).num_microbatches(consumed_samples)
+
+
+def global_batch_size(config: AllConfig, consumed_samples: int = 0) -> int:
+    """The global batch trained by the iteration that starts after `consumed_samples`."""
+    return batch_schedule(config).running_global_batch_size(consumed_samples)
 
 
 def build_loss_scaler(config: AllConfig):
@@ -99,18 +105,23 @@ def build_loss_scaler(config: AllConfig):
 
 
 def build_scheduler(optimizer, config: AllConfig) -> OptimizerParamScheduler:
-    """Megatron's scheduler in samples: warmup/decay lengths are iterations x global batch."""
+    """Megatron's scheduler in samples (it steps by each iteration's global batch). Sample-based runs
+    (--train-samples) measure warmup/decay in samples; iteration-based ones in iterations x
+    --global-batch-size, as Megatron's get_optimizer_param_scheduler does (with a batch-size ramp that is
+    the final batch size)."""
     o, t = config.optimizer_config, config.training_config
-    gbs = global_batch_size(config)
     train_iters = t.training_iters
-    if o.lr_decay_samples is not None:
-        decay_steps = o.lr_decay_samples
+    if t.train_samples or o.lr_decay_samples is not None:
+        decay_steps = o.lr_decay_samples or t.train_samples or train_iters * batch_schedule(config).global_batch_size
         warmup_steps = o.lr_warmup_samples
         wsd_steps = o.lr_wsd_decay_samples
+        wd_steps = t.train_samples or decay_steps
     else:
+        gbs = t.global_batch_size if t.global_batch_size is not None else batch_schedule(config).global_batch_size
         decay_steps = (o.lr_decay_iters or train_iters) * gbs
         warmup_steps = o.lr_warmup_iters * gbs
         wsd_steps = o.lr_wsd_decay_iters * gbs if o.lr_wsd_decay_iters else None
+        wd_steps = train_iters * gbs
     if o.lr_warmup_fraction is not None:
         warmup_steps = int(o.lr_warmup_fraction * decay_steps)
     wd = o.weight_decay
@@ -119,7 +130,7 @@ def build_scheduler(optimizer, config: AllConfig) -> OptimizerParamScheduler:
     return OptimizerParamScheduler(
         optimizer, init_lr=o.lr_warmup_init, max_lr=o.learning_rate, min_lr=o.min_lr,
         lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, 1), lr_decay_style=o.lr_decay_style,
-        start_wd=start_wd, end_wd=end_wd, wd_incr_steps=train_iters * gbs, wd_incr_style=o.weight_decay_incr_style,
+        start_wd=start_wd, end_wd=end_wd, wd_incr_steps=wd_steps, wd_incr_style=o.weight_decay_incr_style,
         use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=o.override_opt_param_scheduler, wsd_decay_steps=wsd_steps,
         lr_wsd_decay_style=o.lr_wsd_decay_style)
@@ -130,10 +141,13 @@ def build_scheduler(optimizer, config: AllConfig) -> OptimizerParamScheduler:
 # --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StepResult:
+    """One iteration's outcome."""
+
     loss: float          # mean over micro-batches and data-parallel ranks (the language-model loss)
     grad_norm: Optional[float]
     skipped: bool        # inf/nan gradients: no update
     loss_scale: float
+    global_batch_size: int = 0  # samples trained this iteration (the batch-size schedule's running batch)
     moe: Optional[MoEStepStats] = None  # the MoE layers' auxiliary losses and token counts (MoE models)
 
 
@@ -170,6 +184,7 @@ class Trainer:
             self.optimizer = Float16Optimizer(config.optimizer_config, self.params)
         else:
             self.optimizer = get_megatron_optimizer(config.optimizer_config, self.params)
+        self.batch_schedule = batch_schedule(config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
         self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
@@ -214,7 +229,8 @@ class Trainer:
         while True:
             yield self._next_micro_batch(data_iterator)
 
-    def _run_schedule(self, data_iterator, forward_only: bool, scale: float, grad_sink=None) -> ScheduleResult:
+    def _run_schedule(self, data_iterator, forward_only: bool, scale: float, num_micro_batches: int,
+                      grad_sink=None) -> ScheduleResult:
         c = self.config
         seq = c.model_config.seq_length
         if c.model_config.sequence_parallel:
@@ -223,7 +239,7 @@ class Trainer:
         return get_forward_backward_func()(
             step=self._stage_step, batches=self._micro_batches(data_iterator),
             params=self.chunk_params if len(self.chunks) > 1 else self.params,
-            num_microbatches=num_microbatches(c), tensor_shape=shape, loss_scale=scale, forward_only=forward_only,
+            num_microbatches=num_micro_batches, tensor_shape=shape, loss_scale=scale, forward_only=forward_only,
             grad_sink=grad_sink)
 
     def _mean_loss(self, losses: List[Tensor]) -> float:
@@ -232,17 +248,20 @@ class Trainer:
         total = comm.all_reduce(local, ps.get_data_parallel_group(with_context_parallel=True))
         return float(total.asnumpy()) / ps.get_data_parallel_world_size(with_context_parallel=True)
 
-    def train_step(self, data_iterator) -> StepResult:
-        """One iteration over num_microbatches micro-batches."""
+    def train_step(self, data_iterator, consumed_samples: int = 0) -> StepResult:
+        """One iteration: as many micro-batches as the batch-size schedule gives after `consumed_samples`."""
+        micro_batches = self.batch_schedule.num_microbatches(consumed_samples)
+        batch = micro_batches * self.batch_schedule.per_micro_batch
         self.set_train(True)
         self.sync_params()
         scale = self.loss_scaler.scale
         self.grad_buffer.reset()
         get_moe_metrics_tracker().clear()  # this iteration's router statistics only
-        result = self._run_schedule(data_iterator, forward_only=False, scale=scale, grad_sink=self.grad_buffer)
+        result = self._run_schedule(data_iterator, forward_only=False, scale=scale, num_micro_batches=micro_batches,
+                                    grad_sink=self.grad_buffer)
         self.max_in_flight = max(getattr(self, "max_in_flight", 0), result.max_in_flight)
         self.grad_buffer.finish()
-        moe_stats = self._finish_moe_step()
+        moe_stats = self._finish_moe_step(micro_batches)
         if isinstance(self.optimizer, DistributedOptimizer):
             # each data-parallel rank holds disjoint pieces: the norm and the inf check span every rank
             params, grads, group = self.optimizer.main_params, self.optimizer.shard_grads(), comm.world_group()
@@ -261,10 +280,18 @@ class Trainer:
             else:
                 # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
                 self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, params))))
-            self.scheduler.step(increment=global_batch_size(self.config))
-        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), moe_stats)
+            self.scheduler.step(increment=batch)  # Megatron counts the schedule in samples
+        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), batch, moe_stats)
 
-    def _finish_moe_step(self) -> Optional[MoEStepStats]:
+    def skip_step(self, data_iterator, consumed_samples: int = 0) -> int:
+        """Read and drop one iteration's micro-batches without training (--iterations-to-skip, Megatron's
+        dummy_train_step); returns the samples skipped."""
+        micro_batches = self.batch_schedule.num_microbatches(consumed_samples)
+        for _ in range(micro_batches):
+            next(data_iterator)
+        return micro_batches * self.batch_schedule.per_micro_batch
+
+    def _finish_moe_step(self, micro_batches: int) -> Optional[MoEStepStats]:
         """After the gradients are reduced: move the expert biases, reset the routers' per-iteration counts,
         and reduce the iteration's MoE statistics (Megatron's finalize_model_grads and MoE logging)."""
         moe = self.config.model_config.moe_config
@@ -277,7 +304,7 @@ class Trainer:
         num_layers = self.config.model_config.num_layers
         pattern = moe.layer_pattern(num_layers)
         return get_moe_metrics_tracker().report(
-            moe.tracked_losses(), num_layers, sum(pattern), 1.0 / num_microbatches(self.config),
+            moe.tracked_losses(), num_layers, sum(pattern), 1.0 / micro_batches,
             moe.num_experts, [i for i, on in enumerate(pattern) if on])
 
     def sync_params(self) -> None:
@@ -290,9 +317,12 @@ class Trainer:
         self.sync_params()
         self.set_train(False)
         losses: List[Tensor] = []
+        # Megatron evaluates with --global-batch-size (the schedule's final batch), whatever the ramp
+        micro_batches = self.batch_schedule.final_num_microbatches()
         try:
             for _ in range(eval_iters):
-                losses += self._run_schedule(data_iterator, forward_only=True, scale=1.0).losses
+                losses += self._run_schedule(data_iterator, forward_only=True, scale=1.0,
+                                             num_micro_batches=micro_batches).losses
         except StopIteration:
             pass
         finally:
@@ -323,21 +353,32 @@ def build_train_valid_test_data_loaders(all_config: AllConfig, train_valid_test_
                                         consumed_samples: int = 0):
     """Datasets from the provider (sized in samples as Megatron asks) wrapped in samplers for this rank."""
     from mindtron.data.gpt_batch import DataLoader
-    from mindtron.data.samplers import MegatronPretrainingSampler
+    from mindtron.data.samplers import MegatronPretrainingRandomSampler, MegatronPretrainingSampler
 
     t = all_config.training_config
-    gbs = global_batch_size(all_config)
-    # periodic evaluations plus the closing one (which runs even without --eval-interval)
+    kind = all_config.dataset_config.dataloader_type
+    if kind == "external":
+        raise ValueError("--dataloader-type external: pass the data loaders to pretrain() (train_data_loader=...)")
+    if kind not in ("single", "cyclic"):
+        raise ValueError(f"--dataloader-type {kind!r}: use single, cyclic or external")
+    # Megatron's train_valid_test_num_samples: --train-samples, or iterations x --global-batch-size
+    gbs = batch_schedule(all_config).global_batch_size
+    # evaluations every eval_interval plus the closing one (only the closing one without --eval-interval)
     eval_runs = (t.training_iters // t.eval_interval + 1) if t.eval_interval else 1
-    sizes = [t.training_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs]
+    sizes = [t.train_samples or t.training_iters * gbs, eval_runs * t.eval_iters * gbs, t.eval_iters * gbs]
     datasets = train_valid_test_datasets_provider(sizes)
     loaders = []
     for i, ds in enumerate(datasets):
         if ds is None or len(ds) == 0:
             loaders.append(None)
             continue
-        sampler = MegatronPretrainingSampler(len(ds), consumed_samples if i == 0 else 0, t.micro_batch_size,
-                                             ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        if kind == "cyclic":
+            sampler = MegatronPretrainingRandomSampler(ds, len(ds), consumed_samples if i == 0 else 0,
+                                                       t.micro_batch_size, rank, size)
+        else:
+            sampler = MegatronPretrainingSampler(len(ds), consumed_samples if i == 0 else 0, t.micro_batch_size,
+                                                 rank, size)
         loaders.append(DataLoader(ds, sampler))
     return tuple(loaders)
 
@@ -389,6 +430,10 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
     model = build_model(model_provider_func)
     trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
     iteration, consumed = 0, 0
+    if t.load_checkpoint and t.exit_on_missing_checkpoint and \
+            checkpointing.read_latest_iteration(t.load_checkpoint) is None:
+        raise FileNotFoundError(f"--load {t.load_checkpoint} holds no checkpoint (no "
+                                "latest_checkpointed_iteration.txt) and --exit-on-missing-checkpoint is set")
     if t.load_checkpoint and (t.resume_training or t.finetune or
                               checkpointing.read_latest_iteration(t.load_checkpoint) is not None):
         iteration, consumed = checkpointing.load_checkpoint(
@@ -413,21 +458,36 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
 
 def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_data_loader, iteration: int,
           consumed_samples: int) -> Tuple[int, int]:
-    """Iterate until --train-iters, --exit-interval or --exit-duration-in-mins; evaluate and save on schedule."""
+    """Iterate until --train-iters, --exit-interval or --exit-duration-in-mins; evaluate and save on schedule.
+
+    Each iteration trains the batch the batch-size schedule gives for the samples consumed so far; when the
+    number of micro-batches changes, a checkpoint is saved first (with --save), as Megatron does.
+    """
     t = config.training_config
     logger = TrainingLogger(config)
-    gbs = global_batch_size(config)
     start = time.time()
     args_record = dataclasses.asdict(config)
     saved_at = None
+    schedule = trainer.batch_schedule
+    micro_batches = schedule.num_microbatches(consumed_samples, check=False)
+    skip = set(t.iterations_to_skip or ())
     while iteration < t.training_iters:
+        now = schedule.num_microbatches(consumed_samples, check=False)
+        if now != micro_batches and t.output_dir and saved_at != iteration:
+            _save(trainer, config, iteration, consumed_samples, args_record)
+            saved_at = iteration
+        micro_batches = now
+        if iteration + 1 in skip:
+            consumed_samples += trainer.skip_step(train_iterator, consumed_samples)
+            iteration += 1
+            continue
         step_start = time.time()
-        result = trainer.train_step(train_iterator)
+        result = trainer.train_step(train_iterator, consumed_samples)
         trainer.history.append(result)
         iteration += 1
-        consumed_samples += gbs
+        consumed_samples += result.global_batch_size
         logger.iteration(iteration, consumed_samples, (time.time() - step_start) * 1000.0, result,
-                         trainer.scheduler, gbs)
+                         trainer.scheduler, result.global_batch_size)
         if t.eval_interval and valid_data_loader is not None and iteration % t.eval_interval == 0:
             loss = trainer.evaluate(iter(valid_data_loader), t.eval_iters)
             trainer.eval_history.append((iteration, loss))

@@ -105,3 +105,36 @@ def resume(steps: int = 20, save_at: int = 10, **layout) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     return {"full": full["loss"], "resumed": first["loss"] + second["loss"], "last_stage": full["last_stage"],
             "eval_full": full["eval"], "eval_resumed": first["eval"] + second["eval"]}
+
+
+class RecordingDataset:
+    """A dataset that records which sample indices were read, in order (to follow the data sampler)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.read = dataset, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        self.read.append(int(index))
+        return self.dataset[index]
+
+
+def train_recording(config: AllConfig) -> dict:
+    """pretrain() on mock data, recording the training samples read and the trainer's schedule state."""
+    recorded = {}
+
+    def datasets(sizes):
+        recorded["train"] = RecordingDataset(MockGPTDataset(max(sizes[0], 1), SEQ, VOCAB, seed=SEED))
+        return recorded["train"], None, None
+
+    def model_provider(pre_process=True, post_process=True):
+        return GPTModel(config.model_config, pre_process=pre_process, post_process=post_process)
+
+    try:
+        trainer = pretrain(datasets, model_provider, all_config=config)
+    finally:
+        ps.destroy_model_parallel()
+    return {"loss": [r.loss for r in trainer.history], "batch": [r.global_batch_size for r in trainer.history],
+            "read": recorded["train"].read, "scheduler_steps": trainer.scheduler.num_steps}

@@ -69,6 +69,9 @@ class MoEConfig:
     moe_layer_freq: Union[int, List[int]] = 1
     """Which layers are MoE (--moe-layer-freq): int N = every N-th layer starting at layer 0, or a 0/1 list
     per layer such as "([0]+[1]*23)" (first layer dense, as DeepSeek's first_k_dense_replace)."""
+    first_k_dense_replace: Optional[int] = None
+    """The first k layers dense, the rest MoE: sets moe_layer_freq to [0] * k + [1] * (layers - k)
+    (DeepSeek's and document 000's moe_config.first_k_dense_replace; --first-k-dense-replace)."""
     moe_router_topk: int = 2
     """Experts each token is routed to (--moe-router-topk; moe_config.num_experts_chosen)."""
     moe_router_score_function: str = "softmax"
@@ -187,6 +190,11 @@ class MoEConfig:
             raise ValueError(f"--moe-router-topk {k} must be between 1 and --num-experts {E}")
         if self.moe_ffn_hidden_size is None:
             self.moe_ffn_hidden_size = ffn_hidden_size
+        if self.first_k_dense_replace is not None:
+            k_dense = int(self.first_k_dense_replace)
+            if not 0 <= k_dense <= num_layers:
+                raise ValueError(f"--first-k-dense-replace {k_dense} must be between 0 and --num-layers {num_layers}")
+            self.moe_layer_freq = [0] * k_dense + [1] * (num_layers - k_dense)
         self.moe_layer_freq = parse_moe_layer_freq(self.moe_layer_freq)
         if isinstance(self.moe_layer_freq, int) and self.moe_layer_freq < 1:
             raise ValueError(f"--moe-layer-freq must be at least 1, got {self.moe_layer_freq}")
