@@ -340,3 +340,38 @@ def test_moe_parallel_sizes_are_checked_before_any_group(sizes, message):
     cfg = make_config("llama", moe_config=MoEConfig(num_experts=4, moe_ffn_hidden_size=24))
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         cfg.validate_parallel(**sizes)
+
+
+def test_capacity_large_enough_to_drop_nothing_equals_dropless():
+    dropless = moe_model("mixtral")
+    roomy = moe_model("mixtral", moe_expert_capacity_factor=2.0)  # capacity = T x k / E x 2 = every token
+    tokens, labels = batch(dropless.config)
+    l1, g1 = loss_and_grads(dropless, tokens, labels)
+    l2, g2 = loss_and_grads(roomy, tokens, labels)
+    assert l1 == l2 and all(np.array_equal(g1[k], g2[k]) for k in g1)
+
+
+@pytest.mark.parametrize("options", [dict(jit_layers=True), dict(recompute_granularity="full", recompute_method="uniform"),
+                                     dict(moe_layer_recompute=True)], ids=["jit_layers", "full_recompute", "moe_recompute"])
+def test_compiled_and_recomputed_moe_layers_give_the_same_loss_and_gradients(options):
+    """jit_layers compiles the attention half of an MoE layer (routing stays eager); recomputing whole layers or
+    only the MoE layers (--moe-layer-recompute) re-runs their forward in the backward; all give the eager run's
+    loss and gradients, and the router statistics are counted once."""
+    moe_options = {"moe_layer_recompute": True} if options.get("moe_layer_recompute") else {}
+    model_options = {k: v for k, v in options.items() if k != "moe_layer_recompute"}
+    base, moe = MODELS["mixtral"]
+    eager = GPTModel(make_config(base, moe_config=MoEConfig(**moe, moe_input_jitter_eps=0.01)))
+    other = GPTModel(make_config(base, moe_config=MoEConfig(**moe, moe_input_jitter_eps=0.01, **moe_options),
+                                 **model_options))
+    tokens, labels = batch(eager.config)
+    tp.model_parallel_seed(99)
+    l1, g1 = loss_and_grads(eager, tokens, labels)
+    get_moe_metrics_tracker().clear()
+    tp.model_parallel_seed(99)  # the same jitter draws
+    l2, g2 = loss_and_grads(other, tokens, labels)
+    stats = get_moe_metrics_tracker().report(["load_balancing_loss"], num_layers=2, moe_layers=2, loss_scale=1.0,
+                                             num_experts=4, moe_layer_indices=[0, 1])
+    assert abs(l1 - l2) <= 1e-6 * abs(l1)
+    for key in g1:
+        assert rel(g2[key], g1[key]) < 1e-5, key
+    assert stats.tokens_per_expert[0].sum() == 2 * 16 * 2  # counted in the forward only, not on the recompute
