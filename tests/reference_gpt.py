@@ -84,8 +84,15 @@ def reference_logits(cfg, params: dict, tokens, position_ids=None, attention_mas
         if cfg.use_sandwich_norm:
             attn = _norm(cfg, attn, params, name + "attn_post_norm")
         x = x + attn
-        h = _linear(_norm(cfg, x, params, name + "post_attention_norm"), params, name + "mlp.dense_h_to_4h")
-        mlp = _linear(_activation(cfg, h), params, name + "mlp.dense_4h_to_h")
+        normed = _norm(cfg, x, params, name + "post_attention_norm")
+        if cfg.moe_config.is_moe_layer(i, cfg.num_layers):
+            from reference_moe import moe_mlp
+
+            mlp = moe_mlp(cfg.moe_config, normed.transpose(1, 0, 2), params, name + "mlp.",
+                          lambda h: _activation(cfg, h)).transpose(1, 0, 2)  # [s, b, h] token order
+        else:
+            h = _linear(normed, params, name + "mlp.dense_h_to_4h")
+            mlp = _linear(_activation(cfg, h), params, name + "mlp.dense_4h_to_h")
         if cfg.use_sandwich_norm:
             mlp = _norm(cfg, mlp, params, name + "ffn_post_norm")
         x = x + mlp

@@ -261,7 +261,9 @@ def test_every_flag_has_a_policy_with_a_reason():
     # a few decisions the README states
     status = {o: s for o, _, s, _ in P.policy_table()}
     assert status["--fp8-format"] == status["--mamba-state-dim"] == status["--apply-layernorm-1p"] == P.REFUSED
-    assert status["--tp-comm-overlap"] == status["--cuda-graph-impl"] == status["--num-experts"] == P.IGNORED
+    assert status["--tp-comm-overlap"] == status["--cuda-graph-impl"] == status["--moe-permute-fusion"] == P.IGNORED
+    assert status["--num-experts"] == status["--moe-grouped-gemm"] == P.IMPLEMENTED
+    assert status["--moe-latent-size"] == status["--moe-use-upcycling"] == P.REFUSED
     assert status["--step-batch-size-schedule"] == status["--rampup-batch-size"] == P.IMPLEMENTED
     assert status["--null-tokenizer-eod-id"] == P.IMPLEMENTED and status["--tensorboard-dir"] == P.IGNORED
 

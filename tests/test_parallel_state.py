@@ -10,15 +10,19 @@ from mindtron.parallel_core import parallel_state as ps
 DENSE_KINDS = {"tp": {"tp"}, "pp": {"pp"}, "cp": {"cp"}, "dp": {"dp"}, "dp-cp": {"dp", "cp"},
                "tp-pp": {"tp", "pp"}, "tp-cp": {"tp", "cp"}, "tp-dp": {"tp", "dp"},
                "tp-dp-cp": {"tp", "dp", "cp"}}
-EXPERT_KINDS = {"ep": {"ep"}, "tp-ep": {"tp", "ep"}, "expert-dp": {"edp"}, "expert-dp-cp": {"edp", "cp"}}
+EXPERT_KINDS = {"ep": {"ep"}, "expert-tp": {"etp"}, "tp-ep": {"etp", "ep"}, "tp-ep-pp": {"etp", "ep", "pp"},
+                "expert-dp": {"edp"},
+                "expert-dp-cp": {"edp"}}
 
 
-def brute_force_groups(world, tp=1, pp=1, cp=1, ep=1, order="tp-cp-ep-dp-pp"):
+def brute_force_groups(world, tp=1, pp=1, cp=1, ep=1, order="tp-cp-ep-dp-pp", etp=None):
     """Groups from each rank's coordinates: rank = sum(coord[axis] * stride[axis]), first axis fastest.
 
-    Dense groups read the data-parallel axis whole; expert groups read it as ep x (dp / ep) with ep the
-    faster half, as Megatron-Core does. A group of kind K holds the ranks equal in every axis outside K.
+    Dense groups use the axes without ep. Expert groups use Megatron-Core 0.19's second grid: the same
+    order, tp sized etp (default tp), no cp, and edp = world / (etp x ep x pp) in dp's place. A group of
+    kind K holds the ranks equal in every axis outside K.
     """
+    etp = tp if etp is None else etp
     dp = world // (tp * pp * cp)
     sizes = {"tp": tp, "pp": pp, "cp": cp, "dp": dp}
     tokens = [t for t in order.split("-")]
@@ -31,8 +35,8 @@ def brute_force_groups(world, tp=1, pp=1, cp=1, ep=1, order="tp-cp-ep-dp-pp"):
 
     groups = {}
     for kinds, axes in ((DENSE_KINDS, [t for t in tokens if t != "ep"]),
-                        (EXPERT_KINDS, [{"dp": "edp"}.get(t, t) for t in tokens])):
-        axes_sizes = dict(sizes, ep=ep, edp=dp // ep)
+                        (EXPERT_KINDS, [{"dp": "edp", "tp": "etp"}.get(t, t) for t in tokens if t != "cp"])):
+        axes_sizes = dict(sizes, ep=ep, etp=etp, edp=world // (etp * ep * pp))
         for kind, members in kinds.items():
             by_key = {}
             for rank in range(world):
@@ -49,12 +53,14 @@ LAYOUTS = [
     (4, dict(tp=2, cp=2)), (8, dict(tp=2, pp=2)), (8, dict(tp=2, cp=2, ep=2)), (8, dict(pp=2, ep=4)),
     (8, dict(tp=2, pp=2, cp=2)), (8, dict(tp=2, pp=2, ep=2)), (8, dict(tp=4, pp=2)), (8, dict(cp=4, ep=2)),
     (8, dict(tp=2, pp=2, order="tp-pp-dp")), (8, dict(tp=2, cp=2, ep=2, order="tp-cp-dp-ep-pp")),
+    (4, dict(tp=2, ep=2, etp=1)), (8, dict(tp=2, ep=4, etp=1)), (8, dict(tp=1, ep=2, etp=2)),
+    (8, dict(tp=2, cp=2, ep=4, etp=1)), (8, dict(tp=2, pp=2, ep=2, etp=1)),
 ]
 
 
 def _layout(world, sizes):
     return ps.make_layout(world, sizes.get("tp", 1), sizes.get("pp", 1), None, sizes.get("cp", 1),
-                          sizes.get("ep", 1), sizes.get("order", ps.DEFAULT_ORDER))
+                          sizes.get("ep", 1), sizes.get("order", ps.DEFAULT_ORDER), sizes.get("etp"))
 
 
 @pytest.mark.parametrize("world,sizes", LAYOUTS, ids=[f"w{w}-{s}" for w, s in LAYOUTS])
@@ -64,7 +70,7 @@ def test_groups_equal_coordinate_brute_force(world, sizes):
     if "ep" not in order:
         order += "-ep"
     want = brute_force_groups(world, sizes.get("tp", 1), sizes.get("pp", 1), sizes.get("cp", 1),
-                              sizes.get("ep", 1), order)
+                              sizes.get("ep", 1), order, sizes.get("etp"))
     for kind in want:
         assert sorted(got[kind]) == want[kind], kind
         assert all(g == sorted(g) for g in got[kind]), kind
@@ -90,6 +96,19 @@ def test_expert_groups_split_data_parallel():
     assert groups["expert-dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
+def test_expert_groups_with_context_parallel_follow_megatron_core_0_19():
+    """Megatron-Core 0.19 builds expert groups on a grid without cp: with tp 2, cp 2, ep 2 on 8 ranks the
+    expert-parallel peers are context-parallel neighbours, and expert tp can differ from tp."""
+    groups = ps.generate_rank_groups(ps.make_layout(8, 2, 1, None, 2, 2))
+    assert groups["cp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["ep"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["expert-dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    groups = ps.generate_rank_groups(ps.make_layout(4, 2, expert_model_parallel_size=2,
+                                                    expert_tensor_parallel_size=1))
+    assert groups["tp"] == [[0, 1], [2, 3]] and groups["expert-tp"] == [[0], [1], [2], [3]]
+    assert groups["ep"] == [[0, 1], [2, 3]] and groups["tp-ep"] == [[0, 1], [2, 3]]
+
+
 @pytest.mark.parametrize("world,kwargs,flag", [
     (4, dict(tensor_model_parallel_size=3), "--tensor-model-parallel-size"),
     (8, dict(tensor_model_parallel_size=2, expert_model_parallel_size=3), "--expert-model-parallel-size"),
@@ -97,7 +116,8 @@ def test_expert_groups_split_data_parallel():
      "--pipeline-model-parallel-size"),
     (4, dict(context_parallel_size=0), "--context-parallel-size"),
     (4, dict(order="tp-dp-xx"), "tp-dp-xx"),
-    (8, dict(expert_model_parallel_size=2, order="tp-ep-cp-dp-pp"), "adjacent"),
+    (8, dict(expert_model_parallel_size=3), "--expert-model-parallel-size"),
+    (6, dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=4), "--expert-tensor-parallel-size"),
 ])
 def test_invalid_sizes_name_the_flag(world, kwargs, flag):
     with pytest.raises(ValueError, match=flag):

@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import mindspore as ms
 
+from mindtron.parallel_core.moe.config import MoEConfig
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "squared_relu", "silu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
@@ -152,6 +154,10 @@ class TransformerConfig:
     inside it, recompute and the pipeline schedules work as without it. A compiled graph keeps reading a
     parameter's buffer: write weights in place (ops.assign), not with Parameter.set_data, once a layer
     has run. Set by --enable-cuda-graph, Megatron's per-layer capture-and-replay flag."""
+    moe_config: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts options (--num-experts, --moe-*; document 000/001's moe_config section). With
+    `moe_config.num_experts` set, the layers `moe_layer_freq` selects hold an MoE MLP instead of a dense one;
+    under jit_layers their attention half is compiled and the MoE half runs eagerly (routing is dynamic)."""
 
     def __post_init__(self) -> None:
         if self.use_rotary_embedding:
@@ -215,6 +221,9 @@ class TransformerConfig:
             self.attention_softmax_in_fp32 = True
         if self.fp16_lm_cross_entropy and to_dtype(self.compute_dtype, "compute_dtype") != ms.float16:
             raise ValueError("--fp16-lm-cross-entropy needs fp16 logits: set compute_dtype float16 (--fp16)")
+        if isinstance(self.moe_config, dict):
+            self.moe_config = MoEConfig(**self.moe_config)
+        self.moe_config.validate(self.hidden_size, self.ffn_hidden_size, self.num_layers, self.add_bias_linear)
 
     # Derived values ------------------------------------------------------------------------------------
     @property
@@ -231,9 +240,13 @@ class TransformerConfig:
         """The MindSpore dtype of the dtype option `name` ("params_dtype", "compute_dtype", ...)."""
         return to_dtype(getattr(self, name), name)
 
-    def validate_parallel(self, tensor_model_parallel_size: int) -> None:
-        """Checks that depend on the tensor-parallel size; raise ValueError naming the flag to change."""
+    def validate_parallel(self, tensor_model_parallel_size: int, expert_model_parallel_size: int = 1,
+                          expert_tensor_parallel_size: Optional[int] = None) -> None:
+        """Checks that depend on the parallel sizes; raise ValueError naming the flag to change."""
         tp = tensor_model_parallel_size
+        self.moe_config.validate_parallel(tp, expert_model_parallel_size,
+                                          tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size,
+                                          self.sequence_parallel, self.add_bias_linear)
         checks = [
             (self.num_attention_heads, "--num-attention-heads"),
             (self.num_query_groups, "--num-query-groups (key/value heads)"),

@@ -81,7 +81,8 @@ class GPTModel(nn.Cell):
     def __init__(self, config, num_tokentypes: int = 0, parallel_output: bool = True, pre_process: bool = True,
                  post_process: bool = True, **kwargs):
         super().__init__()
-        config.validate_parallel(ps.get_tensor_model_parallel_world_size())
+        config.validate_parallel(ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+                                 ps.get_expert_tensor_parallel_world_size())
         self.config = config
         self.parallel_output = parallel_output
         self.pre_process, self.post_process = pre_process, post_process

@@ -5,6 +5,8 @@ With SwiGLU, dense_h_to_4h is [gate; up] of width 2 ffn, and each tensor-paralle
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from mindspore import Tensor, mint, nn, ops
 
 from mindtron.legacy_model.fused import use_fused
@@ -43,18 +45,21 @@ def activation_function(config):
 class ParallelMLP(nn.Cell):
     """h -> ffn -> h. Input and output [s, b, h], or [s/tp, b, h] under sequence parallelism."""
 
-    def __init__(self, config):
+    def __init__(self, config, ffn_hidden_size: Optional[int] = None, bias: Optional[bool] = None):
         super().__init__()
-        width = config.ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+        # a shared expert passes its own width and no bias
+        ffn = config.ffn_hidden_size if ffn_hidden_size is None else ffn_hidden_size
+        bias = config.add_bias_linear if bias is None else bias
+        width = ffn * (2 if config.gated_linear_unit else 1)
         compute, params = config.dtype("compute_dtype"), config.dtype("params_dtype")
         self.dense_h_to_4h = tp.ColumnParallelLinear(
-            config.hidden_size, width, bias=config.add_bias_linear, gather_output=False,
+            config.hidden_size, width, bias=bias, gather_output=False,
             init_method=tp.init_method_normal(config.init_method_std),
             stride=2 if config.gated_linear_unit else 1, sequence_parallel=config.sequence_parallel,
             params_dtype=params, compute_dtype=compute)
         self.activation = activation_function(config)
         self.dense_4h_to_h = tp.RowParallelLinear(
-            config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
+            ffn, config.hidden_size, bias=bias, input_is_parallel=True,
             init_method=tp.scaled_init_method_normal(config.init_method_std, config.num_layers),
             sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
 

@@ -13,10 +13,11 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from mindtron.legacy_model.attention import AttnMaskType, ParallelAttention, causal_mask
-from mindtron.legacy_model.mlp import ParallelMLP
+from mindtron.legacy_model.mlp import ParallelMLP, activation_function
 from mindtron.legacy_model.norms import build_norm
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.moe import MoELayer
 
 
 def stage_layer_range(num_layers: int, pipeline_size: int = 1, pipeline_rank: int = 0,
@@ -67,7 +68,8 @@ class ParallelTransformerLayer(nn.Cell):
     The forward draws the layer's dropout masks (in the order the maths uses them: attention, then the
     two residual branches) and hands them to `_compute`, the layer's maths on tensors only. With
     `config.jit_layers` `_compute` is compiled once with mindspore.jit and replayed on every call; masks
-    drawn inside a compiled graph would be frozen, which is why they are inputs.
+    drawn inside a compiled graph would be frozen, which is why they are inputs. An MoE layer (chosen by
+    `moe_config.moe_layer_freq`) routes tokens on the host, so only its attention half is compiled.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal):
@@ -81,7 +83,15 @@ class ParallelTransformerLayer(nn.Cell):
         self.input_norm = build_norm(config, sp)
         self.self_attention = ParallelAttention(config, layer_number, attn_mask_type)
         self.post_attention_norm = build_norm(config, sp)
-        self.mlp = ParallelMLP(config)
+        moe = config.moe_config
+        self.is_moe = moe.is_moe_layer(layer_number - 1, config.num_layers)
+        if self.is_moe:
+            shared = (ParallelMLP(config, moe.moe_shared_expert_intermediate_size, bias=False)
+                      if moe.moe_shared_expert_intermediate_size else None)
+            self.mlp = MoELayer(config, moe, layer_number, activation_function(config), config.gated_linear_unit,
+                                shared)
+        else:
+            self.mlp = ParallelMLP(config)
         self.use_sandwich_norm = config.use_sandwich_norm
         if self.use_sandwich_norm:
             self.attn_post_norm = build_norm(config, sp, init_value=config.attn_post_norm_scale)
@@ -89,7 +99,10 @@ class ParallelTransformerLayer(nn.Cell):
         # under sequence parallelism attention sees the whole sequence: [s/tp, b, h] -> s
         self.sequence_factor = ps.get_tensor_model_parallel_world_size() if sp else 1
         if config.jit_layers:
-            self._compute = ms.jit(self._compute)
+            if self.is_moe:
+                self._attention_block = ms.jit(self._attention_block)
+            else:
+                self._compute = ms.jit(self._compute)
 
     def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
                   rotary_pos_emb: Optional[Tensor] = None) -> Tensor:
@@ -115,11 +128,18 @@ class ParallelTransformerLayer(nn.Cell):
         return self._compute(hidden_states, attention_mask, rotary_pos_emb, attention_drop, first_drop, second_drop)
 
     def _compute(self, hidden_states, attention_mask, rotary_pos_emb, attention_drop, first_drop, second_drop):
+        hidden_states = self._attention_block(hidden_states, attention_mask, rotary_pos_emb, attention_drop,
+                                              first_drop)
+        return self._mlp_block(hidden_states, second_drop)
+
+    def _attention_block(self, hidden_states, attention_mask, rotary_pos_emb, attention_drop, first_drop):
         attention_out = self.self_attention(self.input_norm(hidden_states), attention_mask, rotary_pos_emb,
                                             attention_drop)
         if self.use_sandwich_norm:
             attention_out = self.attn_post_norm(attention_out)
-        hidden_states = self._residual_add(hidden_states, attention_out, first_drop)
+        return self._residual_add(hidden_states, attention_out, first_drop)
+
+    def _mlp_block(self, hidden_states, second_drop):
         mlp_out = self.mlp(self.post_attention_norm(hidden_states))
         if self.use_sandwich_norm:
             mlp_out = self.ffn_post_norm(mlp_out)

@@ -300,6 +300,36 @@ def reduce_scatter(x: Tensor, group: Optional[ProcessGroup] = None, dim: int = 0
     return _chunk(_sum(x, group), dim, group.rank, group.size)
 
 
+def all_gather_v(x: Tensor, sizes: Sequence[int], group: Optional[ProcessGroup] = None) -> Tensor:
+    """Concatenate every rank's `x` along dim 0 when ranks hold different numbers of rows (`sizes[i]` rows
+    on group rank i, known to every rank)."""
+    group = _resolve(group)
+    sizes = [int(n) for n in sizes]
+    if len(sizes) != group.size or sizes[max(group.rank, 0)] != x.shape[0]:
+        raise ValueError(f"all_gather_v: sizes {sizes} do not match the group size {group.size} and this "
+                         f"rank's {x.shape[0]} rows")
+    if group.size == 1:
+        return x
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    row = tuple(x.shape[1:])
+    before = ops.zeros((int(offsets[group.rank]),) + row, x.dtype)
+    after = ops.zeros((int(offsets[-1] - offsets[group.rank + 1]),) + row, x.dtype)
+    return _sum(ops.concat([before, x, after], 0), group)
+
+
+def reduce_scatter_v(x: Tensor, sizes: Sequence[int], group: Optional[ProcessGroup] = None) -> Tensor:
+    """Sum `x` over the group and give rank i its `sizes[i]` rows (dim 0; the rows of all ranks in order)."""
+    group = _resolve(group)
+    sizes = [int(n) for n in sizes]
+    if len(sizes) != group.size or sum(sizes) != x.shape[0]:
+        raise ValueError(f"reduce_scatter_v: sizes {sizes} do not match the group size {group.size} and the "
+                         f"{x.shape[0]} rows of x")
+    if group.size == 1:
+        return x
+    start = int(sum(sizes[:group.rank]))
+    return _sum(x, group)[start:start + sizes[group.rank]]
+
+
 class Collective(nn.Cell):
     """A floating-point sum all-reduce, all-gather or reduce-scatter over one group, as a Cell.
 
@@ -374,12 +404,14 @@ def barrier(group: Optional[ProcessGroup] = None) -> None:
 def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None,
                input_split_sizes: Optional[Sequence[int]] = None,
                output_split_sizes: Optional[Sequence[int]] = None,
-               split_dim: int = 0, concat_dim: int = 0) -> Tensor:
+               split_dim: int = 0, concat_dim: int = 0, split_matrix: Optional[np.ndarray] = None) -> Tensor:
     """Rank i sends its j-th piece of `x` to rank j; each rank concatenates what it receives in rank order.
 
     Even splits: `x` is cut into `group.size` equal pieces along `split_dim` and the received pieces are
     concatenated along `concat_dim`. Uneven splits (token dispatch): give `input_split_sizes` (rows of `x`
     along dim 0 sent to each rank) and `output_split_sizes` (rows received from each rank); both dims are 0.
+    Where every rank already knows what every rank sends (`split_matrix[src, dst]` rows), pass it and the
+    construction needs no extra message to agree on the buffer layout.
     """
     group = _resolve(group)
     split_dim, concat_dim = _check_dim(x, split_dim, "all_to_all"), _check_dim(x, concat_dim, "all_to_all")
@@ -408,7 +440,10 @@ def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None,
     if n == 1:
         return x
     # Every rank's send sizes, so that all ranks agree on the buffer layout: [src, dst] -> rows.
-    splits = _sum(_slot_buffer(Tensor(np.array(send, np.float32)), group.rank, n), group).asnumpy()
+    if split_matrix is not None:
+        splits = np.asarray(split_matrix)
+    else:
+        splits = _sum(_slot_buffer(Tensor(np.array(send, np.float32)), group.rank, n), group).asnumpy()
     if [int(v) for v in splits[:, group.rank]] != recv:
         raise ValueError(f"all_to_all: output_split_sizes {recv} on rank {get_rank()} disagree with what "
                          f"the other ranks send ({splits[:, group.rank].tolist()})")

@@ -3,9 +3,11 @@
 Ranks are laid out on a grid whose axes follow `order` ("tp-cp-ep-dp-pp" by default), the first axis
 varying fastest: with tp=2, dp=2, pp=2, ranks 0,1 share a tensor-parallel group, 0,2 a data-parallel group
 and 0,4 a pipeline group. A group of kind "tp-dp" holds the ranks that differ only in their tp and dp
-coordinates. Expert parallelism splits the data-parallel axis: dense groups see the whole dp axis, expert
-groups (ep, tp-ep, expert data parallel) see dp as ep x (dp / ep). This is Megatron-Core's layout, so a
-rank holds the same shard here as it would there.
+coordinates. Expert layers use a second grid over the same ranks, as Megatron-Core 0.19 builds it: the
+same axis order with tp sized by the expert tensor-parallel size (--expert-tensor-parallel-size, default
+tp), cp folded away (size 1), ep and the expert data-parallel size edp = world / (etp x ep x pp). With etp =
+tp and cp = 1 the expert ranks simply split the data-parallel axis as ep x (dp / ep). A rank therefore holds
+the same shard and the same experts here as it would in Megatron.
 
 `generate_rank_groups()` computes every group for every rank without communicating (used by tests and
 tools); `initialize_model_parallel()` builds this rank's groups through `comm`.
@@ -27,13 +29,15 @@ _FLAG = {
     "pp": "--pipeline-model-parallel-size",
     "cp": "--context-parallel-size",
     "ep": "--expert-model-parallel-size",
+    "etp": "--expert-tensor-parallel-size",
     "dp": "the data-parallel size (world size / (tp x pp x cp))",
 }
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Validated parallel sizes of one job; `dp` is derived as world / (tp x pp x cp)."""
+    """Validated parallel sizes of one job; `dp` is derived as world / (tp x pp x cp), the expert data-parallel
+    size `edp` as world / (etp x ep x pp)."""
 
     world_size: int
     tp: int
@@ -43,18 +47,23 @@ class ParallelLayout:
     dp: int
     vpp: Optional[int]
     order: tuple  # axis names, fastest first, always all five
+    etp: int = 1
+    edp: int = 1
 
 
 def make_layout(world_size: int, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                 virtual_pipeline_model_parallel_size: Optional[int] = None, context_parallel_size: int = 1,
-                expert_model_parallel_size: int = 1, order: str = DEFAULT_ORDER) -> ParallelLayout:
+                expert_model_parallel_size: int = 1, order: str = DEFAULT_ORDER,
+                expert_tensor_parallel_size: Optional[int] = None) -> ParallelLayout:
     """Check the sizes and the order string; raise ValueError naming the flag to change."""
+    if expert_tensor_parallel_size is None:
+        expert_tensor_parallel_size = tensor_model_parallel_size
     sizes = {"tp": tensor_model_parallel_size, "pp": pipeline_model_parallel_size,
-             "cp": context_parallel_size, "ep": expert_model_parallel_size}
+             "cp": context_parallel_size, "ep": expert_model_parallel_size, "etp": expert_tensor_parallel_size}
     for name, value in sizes.items():
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{_FLAG[name]} must be a positive integer, got {value!r}")
-    tp, pp, cp, ep = (int(sizes[k]) for k in ("tp", "pp", "cp", "ep"))
+    tp, pp, cp, ep, etp = (int(sizes[k]) for k in ("tp", "pp", "cp", "ep", "etp"))
     model = tp * pp * cp
     if world_size % model:
         raise ValueError(
@@ -62,10 +71,12 @@ def make_layout(world_size: int, tensor_model_parallel_size: int = 1, pipeline_m
             f"parallel sizes = {model}; change --tensor-model-parallel-size, --pipeline-model-parallel-size "
             f"or --context-parallel-size, or launch a multiple of {model} processes")
     dp = world_size // model
-    if dp % ep:
+    expert_model = etp * ep * pp
+    if world_size % expert_model:
         raise ValueError(
-            f"--expert-model-parallel-size {ep} must divide the data-parallel size {dp} "
-            f"(world {world_size} / (tp {tp} x pp {pp} x cp {cp})); change --expert-model-parallel-size")
+            f"world size {world_size} is not divisible by expert tensor ({etp}) x expert ({ep}) x pipeline ({pp}) "
+            f"parallel sizes = {expert_model}: the experts' ranks must tile the job; change "
+            f"--expert-model-parallel-size or --expert-tensor-parallel-size")
     if virtual_pipeline_model_parallel_size is not None:
         if virtual_pipeline_model_parallel_size < 1:
             raise ValueError("--virtual-pipeline-model-parallel-size must be a positive integer, got "
@@ -74,7 +85,8 @@ def make_layout(world_size: int, tensor_model_parallel_size: int = 1, pipeline_m
             raise ValueError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size "
                              f"greater than 1 (interleaved schedule), got {pp}")
     axes = _parse_order(order, {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "dp": dp})
-    return ParallelLayout(world_size, tp, pp, cp, ep, dp, virtual_pipeline_model_parallel_size, axes)
+    return ParallelLayout(world_size, tp, pp, cp, ep, dp, virtual_pipeline_model_parallel_size, axes,
+                          etp=etp, edp=world_size // expert_model)
 
 
 def _parse_order(order: str, sizes: Dict[str, int]) -> tuple:
@@ -83,9 +95,6 @@ def _parse_order(order: str, sizes: Dict[str, int]) -> tuple:
     if unknown or len(set(tokens)) != len(tokens):
         raise ValueError(f"parallel order {order!r} must use each of {'/'.join(_AXES)} at most once, "
                          f"separated by '-' (default {DEFAULT_ORDER!r})")
-    if "ep" in tokens and "dp" in tokens and abs(tokens.index("ep") - tokens.index("dp")) != 1:
-        raise ValueError(f"parallel order {order!r}: 'ep' and 'dp' must be adjacent, since expert "
-                         "parallelism splits the data-parallel axis")
     for name in _AXES:
         if name not in tokens:
             if sizes[name] != 1:
@@ -111,13 +120,15 @@ def _groups_over(names: List[str], sizes: List[int], members: set) -> List[List[
 def generate_rank_groups(layout: ParallelLayout) -> Dict[str, List[List[int]]]:
     """Every group of every kind for `layout`, without communicating.
 
-    Kinds: tp, pp, cp, dp, dp-cp, tp-pp (model parallel), tp-cp, tp-dp, tp-dp-cp, ep, tp-ep,
-    expert-dp, expert-dp-cp, embedding, position-embedding.
+    Kinds: tp, pp, cp, dp, dp-cp, tp-pp (model parallel), tp-cp, tp-dp, tp-dp-cp, and on the expert grid
+    ep, expert-tp, tp-ep (expert tp x ep: where tokens are dispatched), tp-ep-pp, expert-dp (expert-dp-cp is the same
+    group: the expert grid has no cp axis), and embedding, position-embedding.
     """
     dense_names = [n for n in layout.order if n != "ep"]
     dense_sizes = [getattr(layout, n) for n in dense_names]
     expert_names = list(layout.order)
-    expert_sizes = [layout.dp // layout.ep if n == "dp" else getattr(layout, n) for n in expert_names]
+    expert_axis = {"tp": layout.etp, "cp": 1, "ep": layout.ep, "dp": layout.edp, "pp": layout.pp}
+    expert_sizes = [expert_axis[n] for n in expert_names]
 
     def dense(*axes):
         return _groups_over(dense_names, dense_sizes, set(axes))
@@ -129,8 +140,9 @@ def generate_rank_groups(layout: ParallelLayout) -> Dict[str, List[List[int]]]:
         "tp": dense("tp"), "pp": dense("pp"), "cp": dense("cp"), "dp": dense("dp"),
         "dp-cp": dense("dp", "cp"), "tp-pp": dense("tp", "pp"), "tp-cp": dense("tp", "cp"),
         "tp-dp": dense("tp", "dp"), "tp-dp-cp": dense("tp", "dp", "cp"),
-        "ep": expert("ep"), "tp-ep": expert("tp", "ep"),
-        "expert-dp": expert("dp"), "expert-dp-cp": expert("dp", "cp"),
+        "ep": expert("ep"), "expert-tp": expert("tp"), "tp-ep": expert("tp", "ep"),
+        "tp-ep-pp": expert("tp", "ep", "pp"),
+        "expert-dp": expert("dp"), "expert-dp-cp": expert("dp"),
     }
     # The first and last pipeline stages share the word embedding (tied output layer); the first stage
     # alone holds position embeddings.
@@ -157,7 +169,8 @@ _STATE: Optional[_State] = None
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
                               context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-                              order: str = DEFAULT_ORDER) -> ParallelLayout:
+                              order: str = DEFAULT_ORDER,
+                              expert_tensor_parallel_size: Optional[int] = None) -> ParallelLayout:
     """Build this rank's process groups (starting the communication backend if needed).
 
     Works without a launcher as a world of one process. Sizes are checked before any group is made.
@@ -167,7 +180,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         raise RuntimeError("model parallel groups are already initialized; call destroy_model_parallel() first")
     layout = make_layout(comm.get_world_size(), tensor_model_parallel_size, pipeline_model_parallel_size,
                          virtual_pipeline_model_parallel_size, context_parallel_size,
-                         expert_model_parallel_size, order)
+                         expert_model_parallel_size, order, expert_tensor_parallel_size)
     state = _State(layout, generate_rank_groups(layout))
     me = comm.get_rank()
     # Every rank walks the kinds in the same order and creates only the groups it belongs to.
@@ -257,13 +270,27 @@ def get_expert_model_parallel_group() -> ProcessGroup:
 
 
 def get_tensor_and_expert_parallel_group() -> ProcessGroup:
-    """tp x ep ranks: the group tokens are dispatched over."""
+    """Expert tp x ep ranks: the group tokens are dispatched over (Megatron's tp_ep group)."""
     return _group("tp-ep")
 
 
+get_expert_tensor_and_model_parallel_group = get_tensor_and_expert_parallel_group  # Megatron-Core's newer name
+
+
+def get_expert_tensor_model_pipeline_parallel_group() -> ProcessGroup:
+    """Expert tp x ep x pp ranks: together they hold every expert of the model once."""
+    return _group("tp-ep-pp")
+
+
+def get_expert_tensor_parallel_group() -> ProcessGroup:
+    """Ranks that split each expert's weights (--expert-tensor-parallel-size; the tp group by default)."""
+    return _group("expert-tp")
+
+
 def get_data_modulo_expert_parallel_group(with_context_parallel: bool = False) -> ProcessGroup:
-    """Ranks holding the same experts (expert data parallel), where expert gradients are reduced."""
-    return _group("expert-dp-cp" if with_context_parallel else "expert-dp")
+    """Ranks holding the same experts (expert data parallel), where expert gradients are reduced. The expert
+    grid has no context-parallel axis (Megatron-Core 0.19), so both spellings name the same group."""
+    return _group("expert-dp")
 
 
 get_expert_data_parallel_group = get_data_modulo_expert_parallel_group  # newer Megatron-Core name
@@ -365,6 +392,16 @@ def get_expert_model_parallel_world_size() -> int:
 def get_expert_model_parallel_rank() -> int:
     """This rank's index in its expert-parallel group."""
     return get_expert_model_parallel_group().rank
+
+
+def get_expert_tensor_parallel_world_size() -> int:
+    """Size of the expert tensor-parallel group."""
+    return get_expert_tensor_parallel_group().size
+
+
+def get_expert_tensor_parallel_rank() -> int:
+    """This rank's index in its expert tensor-parallel group."""
+    return get_expert_tensor_parallel_group().rank
 
 
 def get_data_modulo_expert_parallel_world_size(with_context_parallel: bool = False) -> int:

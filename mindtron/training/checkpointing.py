@@ -8,7 +8,14 @@
                                                        rank's state pieces with their ranges (metadata)
         meta.json                                      iteration, consumed samples, scheduler, loss scaler,
                                                        RNG states, parallel layout, arguments, CRC32 per file
-    (mp_rank_XX_YYY with pipeline parallelism: XX tensor rank, YYY pipeline rank, as Megatron names them)
+    (mp_rank_XX_YYY with pipeline parallelism: XX tensor rank, YYY pipeline rank, as Megatron names them;
+    with expert parallelism a further _ZZZ, the expert-parallel rank: each such directory holds the dense
+    weights and that rank's experts, as Megatron's torch format does)
+
+Expert weights are stacked per rank ([local experts, ...]); a run may load them at another expert-parallel
+size (weights and optimizer state, the distributed optimizer's included), since the directories of all
+expert-parallel ranks together hold every expert and their order is Megatron's (expert parallel rank r
+holds experts r x E_local ...).
 
 A save is atomic: each rank writes into a temporary directory and renames it when complete, and the
 tracker file is replaced (write + rename) only after every rank has finished; a crash mid-save leaves the
@@ -21,7 +28,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from safetensors import safe_open
@@ -32,6 +39,7 @@ from mindspore import Tensor
 from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.training.expert_checkpoint import SavedIteration
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -42,15 +50,28 @@ def iteration_dir(root: str, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def mp_rank_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+def mp_rank_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
     """Megatron's per-model-parallel-rank directory name."""
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
 def _this_rank_dir(root: str, iteration: int) -> Path:
-    return iteration_dir(root, iteration) / mp_rank_name(
-        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-        ps.get_pipeline_model_parallel_world_size())
+    name = mp_rank_name(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                        ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_rank(),
+                        ps.get_expert_model_parallel_world_size())
+    layout = ps.get_layout()
+    if layout.etp not in (1, layout.tp):  # experts split differently from dense weights: their shard too
+        name += f"_etp{ps.get_expert_tensor_parallel_rank():02d}"
+    return iteration_dir(root, iteration) / name
+
+
+def _writers() -> List[int]:
+    """The ranks that write a directory: the lowest rank of each set of ranks holding the same weights
+    (equal in dense and in expert coordinates: the intersection of a data-parallel and an expert-data-parallel
+    group)."""
+    dense, expert = ps.get_all_rank_groups("dp-cp"), ps.get_all_rank_groups("expert-dp")
+    return sorted({min(set(a) & set(b)) for a in dense for b in expert if set(a) & set(b)})
 
 
 def _crc(path: Path) -> int:
@@ -99,7 +120,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
     if hasattr(optimizer, "finish_param_sync"):  # weights still waiting for the distributed optimizer's gather
         optimizer.finish_param_sync()
     final = _this_rank_dir(root, iteration)
-    writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    # one writer per directory: with experts spread over ep ranks each ep rank writes its own directory
+    writers = _writers()
+    writer = comm.get_rank() in writers
     sharded = save_optim and hasattr(optimizer, "sharded_state_dict")  # the distributed optimizer
     tmp = final.with_name(final.name + ".tmp")
     if writer:
@@ -107,6 +130,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
         tmp.mkdir(parents=True)
     if sharded:  # every data-parallel rank writes its own optimizer shard into the directory
         tensors, ranges = optimizer.sharded_state_dict()
+        ranges["__writer__"] = json.dumps({"tp": ps.get_tensor_model_parallel_rank(),
+                                           "etp": ps.get_expert_tensor_parallel_rank()})
         comm.barrier()
         dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
@@ -130,7 +155,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
             "loss_scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
             "rng": _rng_state() if save_rng else None,
             "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "dp": layout.dp,
-                       "vpp": layout.vpp},
+                       "vpp": layout.vpp, "etp": layout.etp, "directories": len(writers)},
             "args": args or {}, "crc32": crcs,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -162,17 +187,24 @@ def _shard_name(dp_rank: int, dp_size: int) -> str:
     return f"optimizer_shard_dp{dp_rank:03d}_of_{dp_size:03d}.safetensors"
 
 
-def _load_optimizer(directory: Path, optimizer) -> None:
+def _load_optimizer(directory: Path, optimizer, iteration_path: Path, saved_layout: dict,
+                    saved_iteration: Optional[SavedIteration], experts: set) -> None:
     from mindtron.parallel_core.optimizer import Float16Optimizer, load_optimizer_state_dict
 
     shard_files = sorted(directory.glob("optimizer_shard_dp*_of_*.safetensors"))
+    spread = saved_layout.get("ep", 1) > 1 or saved_iteration is not None
+    if spread:
+        # with experts the data-parallel ranks wrote their shards into the directories of their expert-parallel
+        # ranks (every tensor rank of the stage): take them all, the optimizer picks what this rank needs
+        stage = SavedIteration(iteration_path, saved_layout).pipeline_dirs()
+        shard_files = sorted(f for d in stage for f in d.glob("optimizer_shard_dp*_of_*.safetensors"))
     plain = directory / "optimizer.safetensors"
     if hasattr(optimizer, "load_sharded_state_dicts"):
         if not shard_files:
             raise FileNotFoundError(f"{directory} has no distributed-optimizer shards (saved without "
                                     "--use-distributed-optimizer or with --no-save-optim); pass --no-load-optim")
         sizes = {int(f.name.rsplit("_of_", 1)[1].split(".")[0]) for f in shard_files}
-        if len(sizes) != 1 or len(shard_files) != sizes.pop():
+        if not spread and (len(sizes) != 1 or len(shard_files) != sizes.pop()):
             raise FileNotFoundError(f"{directory}: the distributed-optimizer shard files are incomplete "
                                     f"({[f.name for f in shard_files]})")
         shards = []
@@ -185,7 +217,7 @@ def _load_optimizer(directory: Path, optimizer) -> None:
         hint = (" (it holds distributed-optimizer shards: add --use-distributed-optimizer)" if shard_files
                 else " (saved with --no-save-optim?)")
         raise FileNotFoundError(f"{plain} is missing{hint}; or pass --no-load-optim")
-    state = load_file(str(plain))
+    state = load_file(str(plain)) if saved_iteration is None else saved_iteration.read("optimizer.safetensors", experts)
     if isinstance(optimizer, Float16Optimizer):
         optimizer.load_state_dict(state)
     else:
@@ -201,7 +233,8 @@ def _is_complete(directory: Path) -> bool:
         layout = json.loads((ranks[0] / "meta.json").read_text())["layout"]
     except (OSError, ValueError, KeyError):
         return False
-    return len(ranks) == layout["tp"] * layout["pp"] and all((d / "meta.json").exists() for d in ranks)
+    expected = layout.get("directories", layout["tp"] * layout["pp"])
+    return len(ranks) == expected and all((d / "meta.json").exists() for d in ranks)
 
 
 def _remove_old(root: str, keep: int, current: int) -> None:
@@ -244,6 +277,15 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
         if iteration is None:
             raise FileNotFoundError(f"no {TRACKER} in {root}: nothing was saved there (--load)")
     directory = _this_rank_dir(root, iteration)
+    saved_iteration = None
+    if not (directory / "meta.json").exists():
+        # saved with another expert-parallel size? any directory of this tensor and pipeline rank tells
+        candidates = sorted(iteration_dir(root, iteration).glob("mp_rank_*/meta.json"))
+        if not candidates:
+            raise FileNotFoundError(f"{directory / 'meta.json'} is missing: the checkpoint of iteration {iteration} "
+                                    "is incomplete or was saved with a different parallel layout")
+        saved_iteration = SavedIteration(iteration_dir(root, iteration), json.loads(candidates[0].read_text())["layout"])
+        directory = saved_iteration.dense_dir()
     meta_path = directory / "meta.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} is missing: the checkpoint of iteration {iteration} is incomplete "
@@ -253,12 +295,19 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
     if (saved["tp"], saved["pp"]) != (layout.tp, layout.pp):
         raise ValueError(f"{root} was saved with tensor x pipeline parallel {saved['tp']} x {saved['pp']}, this run "
                          f"uses {layout.tp} x {layout.pp}; reshard it with the convert tool or match the sizes")
+    if (saved.get("ep", 1), saved.get("etp", saved["tp"])) != (layout.ep, layout.etp) and saved_iteration is None:
+        saved_iteration = SavedIteration(iteration_dir(root, iteration), saved)
     if crc_check:
-        for filename, crc in meta["crc32"].items():
-            if _crc(directory / filename) != crc:
-                raise ValueError(f"CRC mismatch in {directory / filename}: the file is corrupt (--resume-crc-check)")
-    weights = load_file(str(directory / "model.safetensors"))
+        for d in ([directory] if saved_iteration is None else list(saved_iteration.dirs.values())):
+            for filename, crc in json.loads((d / "meta.json").read_text())["crc32"].items():
+                if _crc(d / filename) != crc:
+                    raise ValueError(f"CRC mismatch in {d / filename}: the file is corrupt (--resume-crc-check)")
     params = named_parameters(model)
+    experts = {name for name, p in params.items() if getattr(p, "allreduce", True) is False}
+    if saved_iteration is None:
+        weights = load_file(str(directory / "model.safetensors"))
+    else:  # experts regathered from the directories of every saved expert-parallel rank
+        weights = saved_iteration.read("model.safetensors", experts)
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, "
@@ -274,7 +323,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
     if finetune:
         return 0, 0
     if load_optim and optimizer is not None:
-        _load_optimizer(directory, optimizer)
+        _load_optimizer(directory, optimizer, iteration_dir(root, iteration), saved, saved_iteration, experts)
         if scheduler is not None and meta["scheduler"] is not None:
             scheduler.load_state_dict(meta["scheduler"])
         if loss_scaler is not None and meta["loss_scaler"] is not None:

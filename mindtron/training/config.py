@@ -261,7 +261,10 @@ class ParallelConfig:
     ulysses_degree_in_cp: Optional[int] = None
     """Ulysses share of the context-parallel group under "hybrid" (document 002)."""
     expert_model_parallel_size: int = 1
-    """--expert-model-parallel-size."""
+    """Ranks the experts of each MoE layer are spread over (--expert-model-parallel-size)."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Ranks each expert's weights are split over (--expert-tensor-parallel-size); None: the tensor-parallel
+    size, as in Megatron."""
     sequence_parallel: bool = False
     """--sequence-parallel."""
     order: str = "tp-cp-ep-dp-pp"

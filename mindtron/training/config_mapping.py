@@ -11,9 +11,10 @@ import logging
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from mindtron.legacy_model.config import TransformerConfig, pad_vocab_size
+from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.training.config import AllConfig, DatasetConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 
-__all__ = ["CONFIG_MAP", "SECTIONS", "init_configs_from_args", "GPT2_VOCAB"]
+__all__ = ["CONFIG_MAP", "SECTIONS", "init_configs_from_args", "moe_config_from_args", "GPT2_VOCAB"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +204,23 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("context_parallel_algo", "parallel_config.context_parallel_algo"),
     ("ulysses_degree_in_cp", "parallel_config.ulysses_degree_in_cp"),
     ("expert_model_parallel_size", "parallel_config.expert_model_parallel_size"),
+    ("expert_tensor_parallel_size", "parallel_config.expert_tensor_parallel_size"),
     ("sequence_parallel", "parallel_config.sequence_parallel"),
     ("use_tp_pp_dp_mapping", "parallel_config.order"),
     ("recompute", "parallel_config.recompute"),
     ("select_recompute", "parallel_config.select_recompute"),
     ("select_comm_recompute", "parallel_config.select_comm_recompute"),
+    # Mixture of Experts: model_config.moe_config (parallel_core.moe.MoEConfig, fields named as the flags)
+    *((dest, f"model_config.moe_config.{dest}") for dest in (
+        "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "first_k_dense_replace", "moe_router_topk",
+        "moe_router_score_function", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+        "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+        "moe_router_bias_update_rate", "moe_router_dtype", "moe_router_force_load_balancing",
+        "moe_input_jitter_eps", "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+        "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity",
+        "moe_token_dispatcher_type", "moe_grouped_gemm", "enable_gmm_safe_tokens", "moe_apply_probs_on_input",
+        "moe_shared_expert_intermediate_size", "moe_shared_expert_overlap", "moe_shared_expert_gate",
+        "moe_layer_recompute", "moe_per_layer_logging")),
 )
 
 
@@ -255,8 +268,21 @@ def _model_config(args: argparse.Namespace) -> TransformerConfig:
         out_proj_has_bias=bool(args.add_dense_bias or args.add_bias_linear),
         apply_rope_fusion=bool(args.apply_rope_fusion or args.use_fused_rope),
         embedding_init_dtype=args.embedding_dtype,
+        moe_config=moe_config_from_args(args),
     )
     return TransformerConfig(**kw)
+
+
+def moe_config_from_args(args: argparse.Namespace) -> MoEConfig:
+    """The MoE rows of CONFIG_MAP as a MoEConfig (Megatron's list-valued flags of one entry become scalars)."""
+    kw = {}
+    for dest, target in CONFIG_MAP:
+        if target.startswith("model_config.moe_config."):
+            kw[target.rsplit(".", 1)[1]] = getattr(args, dest)
+    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):
+        if isinstance(kw[name], (list, tuple)):
+            kw[name] = kw[name][0] if len(kw[name]) == 1 else list(kw[name])
+    return MoEConfig(**kw)
 
 
 def _training_config(args: argparse.Namespace) -> TrainingConfig:

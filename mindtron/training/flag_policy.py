@@ -101,7 +101,9 @@ _OBSERVABILITY = "monitoring / fault-tolerance service of NVIDIA's stack; no eff
 _LOGGING = "logging backend, not implemented yet (its own work stream); the run is unchanged"
 _PROFILING = "profiler option, not implemented yet (its own work stream); the run is unchanged"
 _EXIT_SIGNAL = "exit-signal handling, not implemented yet (its own work stream)"
-_MOE = "Mixture-of-Experts, not implemented yet (its own work stream)"
+_MOE_SAME = "an MoE kernel fusion, communication backend or overlap with no effect on the results here"
+_MOE_MODEL = "changes the MoE model or its routing and is not implemented in mindtron"
+_MOE_UNUSED = "an MoE option for inference, debugging or tracing; not used by pre-training"
 _CP = "context-parallel variant, not implemented yet (its own work stream)"
 _CKPT_OPS = "how Megatron writes or reads its own checkpoint formats; mindtron's checkpoints are unaffected"
 _FP8 = ("low-precision (FP8/FP4/MXFP8) training needs Transformer Engine kernels mindtron does not have; "
@@ -225,10 +227,15 @@ _FAMILIES: List[Tuple[str, str, Tuple[str, ...]]] = [
     (REFUSED, "fill-in-the-middle data transforms are not implemented; the data would differ", ("--fim-",)),
     (REFUSED, "logits distillation is not implemented; the loss would differ", ("--logits-",)),
     (REFUSED, "NVIDIA's quantization toolkit (kitchen) is not available", ("--use-kitchen", "--kitchen-")),
-    (IGNORED, _MOE, ("--moe-", "--num-experts", "--expert-", "--overlap-moe-expert-parallel-comm",
-                     "--delay-wgrad-compute", "--ep-overlap-early-attn-memory-release",
-                     "--overlap-dispatch-backward-with-experts-wgrad", "--use-grouped-gemm-for-shared-expert",
-                     "--high-priority-a2a-comm-stream")),
+    (REFUSED, _MOE_MODEL, ("--moe-latent-size", "--moe-use-upcycling", "--moe-upcycling-granularity",
+                           "--moe-router-force-biased", "--moe-expert-rank-capacity-factor",
+                           "--moe-mlp-glu-interleave-size", "--moe-shared-expert-glu-interleave-size",
+                           "--moe-router-quantile-balancing-ema", "--expert-tensor-parallel-num-weight-shards")),
+    (IGNORED, _MOE_UNUSED, ("--moe-routing-trace-", "--moe-enable-routing-replay",
+                            "--moe-pad-experts-for-cuda-graph-inference")),
+    (IGNORED, _MOE_SAME, ("--moe-", "--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute",
+                          "--ep-overlap-early-attn-memory-release", "--overlap-dispatch-backward-with-experts-wgrad",
+                          "--use-grouped-gemm-for-shared-expert", "--high-priority-a2a-comm-stream")),
     (IGNORED, _EXIT_SIGNAL, ("--exit-signal",)),
     (IGNORED, _CUDA_GRAPHS, ("--cuda-graph-", "--external-cuda-graph", "--optimizer-cuda-graph",
                              "--inference-cuda-graph-", "--delay-offload-until-cuda-graph",
@@ -305,7 +312,7 @@ _GROUP_DEFAULTS: Dict[str, Tuple[str, str]] = {
     "validation": (REFUSED, "evaluation option not implemented"),
     "logging": (IGNORED, _LOGGING),
     "profiling": (IGNORED, _PROFILING),
-    "moe": (IGNORED, _MOE),
+    "moe": (IGNORED, _MOE_SAME),
     "mla": (REFUSED, _MLA),
     "experimental": (REFUSED, _MODEL_TODO),
     "experimental_attention_variant": (REFUSED, _MAMBA),

@@ -28,6 +28,7 @@ def initialize_megatron(extra_args_provider: Optional[Callable] = None, args_def
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(parsed.tensor_model_parallel_size, parsed.pipeline_model_parallel_size,
                                      parsed.virtual_pipeline_model_parallel_size, parsed.context_parallel_size,
-                                     parsed.expert_model_parallel_size)
+                                     parsed.expert_model_parallel_size,
+                                     expert_tensor_parallel_size=getattr(parsed, "expert_tensor_parallel_size", None))
     tp.model_parallel_seed(parsed.seed)
     return parsed

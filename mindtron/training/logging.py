@@ -14,15 +14,37 @@ from mindtron.parallel_core import parallel_state as ps
 
 
 def model_flops_per_token(model_config) -> float:
-    """Forward + backward FLOPs per token: 3 x (2 x matmul weights + attention scores and context + logits)."""
+    """Forward + backward FLOPs per token: 3 x (2 x matmul weights + attention scores and context + logits).
+    An MoE layer counts its router, the top-k experts a token goes through and the shared expert."""
     c = model_config
     q_width = c.num_attention_heads * c.kv_channels
     kv_width = 2 * c.num_query_groups * c.kv_channels
-    mlp = c.hidden_size * c.ffn_hidden_size * (3 if c.gated_linear_unit else 2)
-    per_layer = 2 * (c.hidden_size * (q_width + kv_width) + q_width * c.hidden_size + mlp)
-    attention = 2 * 2 * c.seq_length * q_width  # q k^T and probs v, per token
+    glu = 3 if c.gated_linear_unit else 2
+    moe = c.moe_config
+    total = 0.0
+    for layer in range(c.num_layers):
+        if moe.is_moe_layer(layer, c.num_layers):
+            mlp = (c.hidden_size * moe.num_experts + moe.moe_router_topk * c.hidden_size * moe.moe_ffn_hidden_size * glu
+                   + c.hidden_size * (moe.moe_shared_expert_intermediate_size or 0) * glu)
+        else:
+            mlp = c.hidden_size * c.ffn_hidden_size * glu
+        total += 2 * (c.hidden_size * (q_width + kv_width) + q_width * c.hidden_size + mlp)
+        total += 2 * 2 * c.seq_length * q_width  # q k^T and probs v, per token
     logits = 2 * c.hidden_size * c.vocab_size
-    return 3.0 * (c.num_layers * (per_layer + attention) + logits)
+    return 3.0 * (total + logits)
+
+
+def moe_log_parts(stats, moe) -> list:
+    """Megatron's MoE entries of the iteration line: each auxiliary loss averaged over the MoE layers, and
+    with --moe-per-layer-logging one entry per MoE layer (1-based layer numbers)."""
+    if stats is None:
+        return []
+    parts = [f"{name}: {value:.6E}" for name, value in stats.losses.items()]
+    if moe.moe_per_layer_logging:
+        for name, values in stats.per_layer.items():
+            parts += [f"{name} layer {i + 1}: {v:.6E}" for i, v in enumerate(values)
+                      if moe.is_moe_layer(i, len(values))]
+    return parts
 
 
 class TrainingLogger:
@@ -58,6 +80,7 @@ class TrainingLogger:
                  f"lm loss: {result.loss:.6E}", f"loss scale: {result.loss_scale:.1f}"]
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
+        parts += moe_log_parts(result.moe, self.config.model_config.moe_config)
         parts += [f"number of skipped iterations: {self.skipped:3d}", f"number of nan iterations: {self.nan:3d}",
                   f"tokens per second: {tokens / seconds:.1f}", f"TFLOP/s per rank: {tflops:.4f}"]
         print(" | ".join(parts) + " |", flush=True)

@@ -402,6 +402,11 @@ _MINDTRON_DATASET = [
     val("--micro-batch-num", int),
 ]
 
+_MINDTRON_MOE = [
+    on("--enable-gmm-safe-tokens"),
+    val("--first-k-dense-replace", int),
+]
+
 _MINDTRON_PARALLEL = [
     val("--context-parallel-algo", cp_algo, "ring"),
     val("--ulysses-degree-in-cp", int),
@@ -444,7 +449,8 @@ def _groups() -> Dict[str, List[Flag]]:
     for title, flags in (("mindtron: model (document 002)", _MINDTRON_MODEL),
                          ("mindtron: training (documents 000-002)", _MINDTRON_TRAINING),
                          ("mindtron: dataset (document 002)", _MINDTRON_DATASET),
-                         ("mindtron: parallel (document 002)", _MINDTRON_PARALLEL)):
+                         ("mindtron: parallel (document 002)", _MINDTRON_PARALLEL),
+                         ("mindtron: moe (documents 000-001)", _MINDTRON_MOE)):
         groups[title] = [replace(f, group=title) for f in flags]
     return groups
 

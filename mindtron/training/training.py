@@ -21,6 +21,7 @@ from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+from mindtron.parallel_core.moe import MoEStepStats, TopKRouter, get_moe_metrics_tracker, update_expert_bias
 from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DistributedOptimizer,
                                               DynamicLossScaler, Float16Optimizer, OptimizerParamScheduler,
                                               clip_grads, found_inf_in_grads, get_megatron_optimizer,
@@ -142,11 +143,12 @@ def build_scheduler(optimizer, config: AllConfig) -> OptimizerParamScheduler:
 class StepResult:
     """One iteration's outcome."""
 
-    loss: float          # mean over micro-batches and data-parallel ranks
+    loss: float          # mean over micro-batches and data-parallel ranks (the language-model loss)
     grad_norm: Optional[float]
     skipped: bool        # inf/nan gradients: no update
     loss_scale: float
     global_batch_size: int = 0  # samples trained this iteration (the batch-size schedule's running batch)
+    moe: Optional[MoEStepStats] = None  # the MoE layers' auxiliary losses and token counts (MoE models)
 
 
 class Trainer:
@@ -189,6 +191,7 @@ class Trainer:
         self.eval_history: List[Tuple[int, float]] = []  # (iteration, validation loss) per evaluation
         self.clip = (config.optimizer_config.clip_grad if config.optimizer_config.clip_grad
                      else (config.training_config.max_grad_norm if config.training_config.use_clip_grad else 0.0))
+        self.routers = [cell for m in self.chunks for _, cell in m.cells_and_names() if isinstance(cell, TopKRouter)]
 
     def _loss_of(self, batch_source, chunk: int = 0) -> Tensor:
         """Forward one micro-batch; Megatron-style forward_step_func(data_iterator, model) or GPTModel's loss."""
@@ -253,10 +256,12 @@ class Trainer:
         self.sync_params()
         scale = self.loss_scaler.scale
         self.grad_buffer.reset()
+        get_moe_metrics_tracker().clear()  # this iteration's router statistics only
         result = self._run_schedule(data_iterator, forward_only=False, scale=scale, num_micro_batches=micro_batches,
                                     grad_sink=self.grad_buffer)
         self.max_in_flight = max(getattr(self, "max_in_flight", 0), result.max_in_flight)
         self.grad_buffer.finish()
+        moe_stats = self._finish_moe_step(micro_batches)
         if isinstance(self.optimizer, DistributedOptimizer):
             # each data-parallel rank holds disjoint pieces: the norm and the inf check span every rank
             params, grads, group = self.optimizer.main_params, self.optimizer.shard_grads(), comm.world_group()
@@ -276,7 +281,7 @@ class Trainer:
                 # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
                 self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, params))))
             self.scheduler.step(increment=batch)  # Megatron counts the schedule in samples
-        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), batch)
+        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), batch, moe_stats)
 
     def skip_step(self, data_iterator, consumed_samples: int = 0) -> int:
         """Read and drop one iteration's micro-batches without training (--iterations-to-skip, Megatron's
@@ -285,6 +290,22 @@ class Trainer:
         for _ in range(micro_batches):
             next(data_iterator)
         return micro_batches * self.batch_schedule.per_micro_batch
+
+    def _finish_moe_step(self, micro_batches: int) -> Optional[MoEStepStats]:
+        """After the gradients are reduced: move the expert biases, reset the routers' per-iteration counts,
+        and reduce the iteration's MoE statistics (Megatron's finalize_model_grads and MoE logging)."""
+        moe = self.config.model_config.moe_config
+        if not moe.enabled:
+            return None
+        if moe.moe_router_enable_expert_bias:
+            update_expert_bias(self.routers, moe.moe_router_bias_update_rate)
+        for router in self.routers:
+            router.reset_step_statistics()
+        num_layers = self.config.model_config.num_layers
+        pattern = moe.layer_pattern(num_layers)
+        return get_moe_metrics_tracker().report(
+            moe.tracked_losses(), num_layers, sum(pattern), 1.0 / micro_batches,
+            moe.num_experts, [i for i, on in enumerate(pattern) if on])
 
     def sync_params(self) -> None:
         """Bring the model parameters up to date (the distributed optimizer's deferred all-gather)."""
@@ -323,7 +344,8 @@ def _ensure_initialized(all_config: AllConfig) -> None:
         p = all_config.parallel_config
         ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                      p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
-                                     p.expert_model_parallel_size, p.order)
+                                     p.expert_model_parallel_size, p.order,
+                                     expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         tp.model_parallel_seed(all_config.training_config.seed)
 
 

@@ -397,8 +397,26 @@ def _validate_model(args: argparse.Namespace, user: set) -> None:
         _need(args.num_experts % args.expert_model_parallel_size == 0, f"--num-experts {args.num_experts} "
               f"should be a multiple of --expert-model-parallel-size {args.expert_model_parallel_size}")
         _need(not args.fp16, "expert parallelism is not supported with --fp16; use --bf16")
+    _validate_moe(args)
     if args.apply_query_key_layer_scaling:
         args.attention_softmax_in_fp32 = True
+
+
+def _validate_moe(args: argparse.Namespace) -> None:
+    """The MoE settings against the model and the parallel sizes, before any process group exists."""
+    from mindtron.parallel_core.parallel_state import make_layout
+    from mindtron.training.config_mapping import moe_config_from_args
+
+    if args.num_experts is not None and args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size  # Megatron's default, with its warning
+        logger.info("moe_ffn_hidden_size is not set, using ffn_hidden_size for MoE instead")
+    moe = moe_config_from_args(args)
+    moe.validate(args.hidden_size, args.ffn_hidden_size, args.num_layers, args.add_bias_linear)
+    make_layout(args.world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
+                args.context_parallel_size, args.expert_model_parallel_size,
+                expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    moe.validate_parallel(args.tensor_model_parallel_size, args.expert_model_parallel_size,
+                          args.expert_tensor_parallel_size, args.sequence_parallel, args.add_bias_linear)
 
 
 def _validate_precision(args: argparse.Namespace, user: set) -> None:

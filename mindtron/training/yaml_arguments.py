@@ -2,7 +2,9 @@
 
 Two layouts, mixable: the sections `model_config`, `training_config`, `dataset_config`, `optimizer_config`,
 `parallel_config` keyed by the config field names (read through config_mapping.CONFIG_MAP backwards), and flat
-`dest: value` pairs with Megatron's names. Values are converted and checked like command-line text.
+`dest: value` pairs with Megatron's names. Values are converted and checked like command-line text. The
+`moe_config` section of documents 000/001 (top level, or inside model_config) uses MindFormers' key names
+(moe_yaml.py).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def _field_to_dest() -> Dict[Tuple[str, str], str]:
 
 FIELD_TO_DEST = _field_to_dest()
 # Fields whose YAML value does not copy onto one flag.
-FIELD_SPECIAL = {("optimizer_config", "betas"), ("model_config", "fa_config"), ("parallel_config", "order")}
+FIELD_SPECIAL = {("optimizer_config", "betas"), ("model_config", "fa_config"), ("parallel_config", "order"),
+                 ("model_config", "moe_config")}
 _FA_KEYS = {"pre_tokens": "pre_tockens", "next_tokens": "next_tockens", "input_layout": "shape_order"}
 _ORDERS = {"tp-cp-ep-dp-pp": False, "tp-cp-ep-pp-dp": True}
 
@@ -74,8 +77,25 @@ def load_yaml_config(path: str, parser: Optional[argparse.ArgumentParser] = None
         except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
             raise ValueError(f"--yaml-cfg {path}: {where}: {err}") from None
 
+    def put_moe(section: Any, where: str) -> None:
+        from mindtron.training.moe_yaml import moe_section_to_flags
+
+        if not isinstance(section, dict):
+            raise ValueError(f"--yaml-cfg {path}: {where} must be a mapping of MoE options")
+        try:
+            pairs, unknown = moe_section_to_flags(section, lambda k: k in actions)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--yaml-cfg {path}: {where}: {err}") from None
+        for dest, v in pairs:
+            put(dest, v, f"{where}")
+        problems.extend(f"{where}.{k}" for k in unknown)
+
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
+        if name == "moe_config":
+            if value is not None:
+                put_moe(value, name)
+            continue
         if name in SECTIONS:
             if value is None:
                 continue
@@ -84,7 +104,10 @@ def load_yaml_config(path: str, parser: Optional[argparse.ArgumentParser] = None
             for field, item in value.items():
                 field = str(field).replace("-", "_")
                 where = f"{name}.{field}"
-                if (name, field) in FIELD_SPECIAL:
+                if (name, field) == ("model_config", "moe_config"):
+                    if item is not None:
+                        put_moe(item, where)
+                elif (name, field) in FIELD_SPECIAL:
                     for dest, v in _special_yaml(name, field, item, where):
                         put(dest, v, where)
                 elif (name, field) in FIELD_TO_DEST:

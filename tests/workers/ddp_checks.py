@@ -182,8 +182,9 @@ def nan_report() -> str:
 
 
 def expert_groups() -> dict:
-    """EP=2 on 4 ranks: an expert parameter (`allreduce = False`) is averaged over its expert-data-parallel
-    group of 2, a dense one over all 4 data-parallel ranks; both in the same buffer."""
+    """EP=2 on 4 ranks: an expert parameter (`allreduce = False`) is summed over its expert-data-parallel
+    group of 2, a dense one over all 4 data-parallel ranks, and both are divided by the data-parallel size 4
+    (Megatron's scaling); both in the same buffer."""
     import mindspore as ms
     from mindspore import Tensor
     from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig

@@ -15,11 +15,12 @@ SEED, SEQ, VOCAB = 2024, 16, 128
 
 
 def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, overlap_param_gather=False,
-                model_options=None, **training) -> AllConfig:
-    model = TransformerConfig(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4, num_attention_heads=4,
-                              attention_dropout_rate=0.0, hidden_dropout_rate=0.0, sequence_parallel=sp,
-                              normalization="RMSNorm", hidden_act="swiglu", ffn_hidden_size=64,
-                              position_embedding_type="rope", num_layer_list=num_layer_list, **(model_options or {}))
+                model_options=None, ep=1, etp=None, **training) -> AllConfig:
+    model = TransformerConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4,
+                                        num_attention_heads=4, attention_dropout_rate=0.0, hidden_dropout_rate=0.0,
+                                        sequence_parallel=sp, normalization="RMSNorm", hidden_act="swiglu",
+                                        ffn_hidden_size=64, position_embedding_type="rope",
+                                        num_layer_list=num_layer_list), **(model_options or {})})
     return AllConfig(
         model_config=model,
         training_config=TrainingConfig(**{"seed": SEED, "training_iters": steps, "micro_batch_size": 2,
@@ -32,7 +33,8 @@ def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, o
                                          overlap_param_gather=overlap_param_gather),
         parallel_config=ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
                                        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
-                                       num_layer_list=num_layer_list))
+                                       num_layer_list=num_layer_list, expert_model_parallel_size=ep,
+                                       expert_tensor_parallel_size=etp))
 
 
 def train(config: AllConfig, on_finish=None) -> dict:

@@ -12,7 +12,10 @@ kind separates what needs an extra reduction before the data-parallel one:
   backward at different times;
 - "dense": everything else.
 Expert parameters (`allreduce` False, as Megatron marks them) reduce over the expert-data-parallel group:
-the group is chosen per parameter.
+the group is chosen per parameter. Every gradient is divided by the data-parallel size (x context
+parallel) whatever its group, as Megatron's DDP scales them: an expert's gradient already sums the tokens
+of all the data ranks of its expert-parallel group, so averaging over the global batch means dividing by
+the whole data-parallel size, not by the expert-data-parallel group's.
 
 No views. A slice of a MindSpore tensor on CPU is a copy, so a bucket never hands out views into its
 buffer: each micro-batch's gradients are concatenated into the bucket's flat buffer (one add per bucket,
@@ -218,12 +221,12 @@ class GradBuffer:
             data = comm.all_reduce(data, ps.get_tensor_model_parallel_group())
         elif b.kind == "embedding" and ps.is_rank_in_embedding_group(ignore_virtual=True):
             data = comm.all_reduce(data, ps.get_embedding_group())
-        size = b.group.size
+        size = ps.get_data_parallel_world_size(with_context_parallel=True)
         if self.config.shard:
-            b.shard = comm.reduce_scatter(data, b.group) / size if size > 1 else data
+            b.shard = (comm.reduce_scatter(data, b.group) if b.group.size > 1 else data) / size
             b.data = None
         else:
-            b.data = comm.all_reduce(data, b.group) / size if size > 1 else data
+            b.data = (comm.all_reduce(data, b.group) if b.group.size > 1 else data) / size
         b.reduced = True
 
     def _check_finite(self, b: Bucket) -> None:

@@ -8,8 +8,13 @@ spreads and copies parameters over ranks:
 - a parameter shared between pipeline stages (the word embedding tied to the output layer: attribute
   `shared_embedding` or Megatron's `shared` True, or the name `word_embeddings_for_head.weight`) counts on
   the first pipeline stage only.
+- an expert parameter (`allreduce` False) is split over the expert-parallel ranks and, when it is marked
+  `tensor_model_parallel`, over the expert tensor-parallel ranks; it counts on every rank that holds a
+  different piece (expert tensor-parallel rank 0 for unsplit ones such as expert biases).
 Each rank sums the squares of its counted gradients; the sums are added over the tensor x pipeline group
-(data-parallel ranks hold the same, already reduced gradients) and the norm is the root of the total.
+(data-parallel ranks hold the same, already reduced gradients) and, when experts are spread differently
+from dense weights (expert parallel, or an expert tensor-parallel size other than tp), the experts' sums
+over the expert tensor x expert x pipeline group; the norm is the root of the total.
 
 Clipping multiplies every gradient by max_norm / (norm + 1e-6) when that is below 1.
 """
@@ -26,8 +31,9 @@ from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core.comm import ProcessGroup
 
-__all__ = ["param_is_not_tensor_parallel_duplicate", "param_is_shared", "grads_for_norm", "get_grad_norm",
-           "clip_grad_by_total_norm", "clip_grads", "default_model_parallel_group"]
+__all__ = ["param_is_not_tensor_parallel_duplicate", "param_is_shared", "param_is_expert", "grads_for_norm",
+           "get_grad_norm", "clip_grad_by_total_norm", "clip_grads", "default_model_parallel_group",
+           "grad_stats_group", "experts_spread_apart"]
 
 SHARED_HEAD_NAME = "word_embeddings_for_head.weight"
 
@@ -76,6 +82,27 @@ def param_is_not_tensor_parallel_duplicate(param: Parameter, tp_rank: int) -> bo
     return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
 
+def param_is_expert(param: Parameter) -> bool:
+    """True for an expert parameter (Megatron marks them `allreduce = False`)."""
+    return getattr(param, "allreduce", True) is False
+
+
+def experts_spread_apart() -> bool:
+    """Whether experts live on another grid than dense weights (expert parallel, or expert tp != tp)."""
+    if not ps.model_parallel_is_initialized():
+        return False
+    layout = ps.get_layout()
+    return layout.ep > 1 or layout.etp != layout.tp
+
+
+def grad_stats_group() -> Optional[ProcessGroup]:
+    """The group over which all ranks must agree on gradient statistics such as "found inf": the tensor x
+    pipeline group, or the whole job when experts are spread over other ranks than dense weights."""
+    if experts_spread_apart():
+        return comm.world_group()
+    return default_model_parallel_group()
+
+
 def param_is_shared(param: Parameter) -> bool:
     """True for a parameter that also lives on another pipeline stage (the tied word embedding)."""
     name = getattr(param, "name", "") or ""
@@ -102,8 +129,9 @@ def grads_for_norm(params: Sequence[Parameter], grads: Sequence[Tensor], tp_rank
     if len(params) != len(grads):
         raise ValueError(f"got {len(params)} parameters but {len(grads)} gradients; they must be aligned")
     tp_rank, pp_rank = _ranks(tp_rank, pp_rank)
+    etp_rank = max(ps.get_expert_tensor_parallel_rank(), 0) if ps.model_parallel_is_initialized() else 0
     return [g for p, g in zip(params, grads)
-            if g is not None and param_is_not_tensor_parallel_duplicate(p, tp_rank)
+            if g is not None and param_is_not_tensor_parallel_duplicate(p, etp_rank if param_is_expert(p) else tp_rank)
             and (pp_rank == 0 or not param_is_shared(p))]
 
 
@@ -130,17 +158,33 @@ def get_grad_norm(params: Sequence[Parameter], grads: Sequence[Tensor],
     """Norm of the whole model's gradient (L2, or the largest |g| with norm_type=inf) over all model-parallel
     ranks; every rank of the group gets the same value. An inf/nan gradient gives an inf/nan norm."""
     norm_type = _check_norm_type(norm_type)
-    group = model_parallel_group if model_parallel_group is not None else default_model_parallel_group()
-    counted = grads_for_norm(params, grads, tp_rank, pp_rank)
-    if counted:
-        counted = ms.mutable(tuple(counted))  # a variable input: the compiled reduction is reused every step
-        local = (_max_of_abs(counted) if math.isinf(norm_type) else _sum_of_squares(counted)).reshape(1)
+    op = "max" if math.isinf(norm_type) else "sum"
+    if model_parallel_group is not None or not experts_spread_apart():
+        group = model_parallel_group if model_parallel_group is not None else default_model_parallel_group()
+        total = _reduced(_local_stat(grads_for_norm(params, grads, tp_rank, pp_rank), norm_type), group, op)
     else:
-        local = ops.zeros((1,), ms.float32)
-    if group is not None:
-        local = comm.all_reduce(local, group, "max" if math.isinf(norm_type) else "sum")
-    total = float(local.asnumpy()[0])
+        experts = [param_is_expert(p) for p in params]
+        dense = grads_for_norm([p for p, e in zip(params, experts) if not e],
+                               [g for g, e in zip(grads, experts) if not e], tp_rank, pp_rank)
+        expert = grads_for_norm([p for p, e in zip(params, experts) if e],
+                                [g for g, e in zip(grads, experts) if e], tp_rank, pp_rank)
+        parts = (_reduced(_local_stat(dense, norm_type), default_model_parallel_group(), op),
+                 _reduced(_local_stat(expert, norm_type), ps.get_expert_tensor_model_pipeline_parallel_group(), op))
+        total = max(parts) if math.isinf(norm_type) else sum(parts)
     return total if math.isinf(norm_type) else total ** 0.5
+
+
+def _local_stat(counted: List[Tensor], norm_type: float) -> Tensor:
+    if not counted:
+        return ops.zeros((1,), ms.float32)
+    counted = ms.mutable(tuple(counted))  # a variable input: the compiled reduction is reused every step
+    return (_max_of_abs(counted) if math.isinf(norm_type) else _sum_of_squares(counted)).reshape(1)
+
+
+def _reduced(local: Tensor, group: Optional[ProcessGroup], op: str) -> float:
+    if group is not None:
+        local = comm.all_reduce(local, group, op)
+    return float(local.asnumpy()[0])
 
 
 def clip_grad_by_total_norm(grads: Sequence[Tensor], max_norm: float, total_norm: float) -> List[Tensor]:

@@ -13,10 +13,13 @@ With `overlap_param_gather` the all-gather is issued at the start of the next fo
 instead of at the end of the step, as Megatron overlaps it with the next forward; the values are the same.
 
 Checkpoints hold each rank's pieces (fp32 main values and optimizer moments) with their ranges (`sharded_state_dict`); `load_sharded_state_dicts`
-takes the pieces saved by every rank of any data-parallel size and cuts this rank's out of them.
+takes the pieces saved by every rank of any data-parallel size and cuts this rank's out of them. Ranges of
+expert parameters are given in the stack of all experts (expert-parallel rank r's block starts at r x its
+size), so the pieces also regather at another expert-parallel size.
 """
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -127,18 +130,32 @@ class DistributedOptimizer:
             # ranks hold different subsets of the decay / no-decay groups: key them by kind, not position
             for field in ("lr", "weight_decay"):
                 tensors[f"param_groups.{_group_kind(group)}.{field}"] = state[f"param_groups.{g}.{field}"]
-        ranges = {self.params[i].name: f"{start},{end},{int(np.prod(self.params[i].shape))}"
-                  for i, _, start, end, _ in self.pieces}
+        ranges = {}
+        for i, _, start, end, _ in self.pieces:
+            offset, numel = _expert_offset(self.params[i])
+            ranges[self.params[i].name] = f"{start + offset},{end + offset},{numel}"
         return tensors, ranges
 
     def load_sharded_state_dicts(self, shards: Sequence[Tuple[Dict[str, np.ndarray], Dict[str, str]]]) -> None:
-        """Restore from the (tensors, ranges) every data-parallel rank saved, whatever their number."""
+        """Restore from the (tensors, ranges) every data-parallel rank saved, whatever their number.
+
+        Shards may come from ranks of other tensor ranks (a "__writer__" entry in the ranges says whose):
+        dense pieces are taken from this tensor rank's writers, expert pieces from this expert tensor rank's."""
+        from mindtron.parallel_core import parallel_state as ps
+
+        experts = {p.name for p in self.params if _is_expert(p)}
+        tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        etp_rank = ps.get_expert_tensor_parallel_rank() if ps.model_parallel_is_initialized() else 0
         full: Dict[str, np.ndarray] = {}
         covered: Dict[str, np.ndarray] = {}
         scalars: Dict[str, np.ndarray] = {}
         for tensors, ranges in shards:
+            writer = json.loads(ranges["__writer__"]) if "__writer__" in ranges else None
             for key, value in tensors.items():
                 slot, _, name = key.partition(".")
+                if writer is not None and writer["etp" if name in experts else "tp"] != (
+                        etp_rank if name in experts else tp_rank):
+                    continue  # another tensor rank's shard of this parameter
                 if key == "step" or key.startswith("param_groups."):
                     scalars.setdefault(key, value)
                     continue
@@ -150,6 +167,8 @@ class DistributedOptimizer:
         state: Dict[str, np.ndarray] = {}
         for (i, _, start, end, _), main in zip(self.pieces, self.main_params):
             name = self.params[i].name
+            offset, _ = _expert_offset(self.params[i])
+            start, end = start + offset, end + offset
             for key in [k for k in full if k.partition(".")[2] == name]:
                 if not covered[key][start:end].all():
                     raise ValueError(f"the saved optimizer shards do not cover {key}[{start}:{end}]: a data-parallel "
@@ -167,6 +186,20 @@ class DistributedOptimizer:
                     raise ValueError(f"the saved optimizer shards have no {key!r}")
                 state[f"param_groups.{g}.{field}"] = scalars[key]
         load_optimizer_state_dict(self.optimizer, state)
+
+
+def _is_expert(param: Parameter) -> bool:
+    return getattr(param, "allreduce", True) is False
+
+
+def _expert_offset(param: Parameter) -> Tuple[int, int]:
+    """(offset, numel) of a parameter's flattened elements in the stack of every expert-parallel rank's
+    (0 and its own numel for dense parameters)."""
+    numel = int(np.prod(param.shape))
+    spec = getattr(param, "shard_spec", None)
+    if not _is_expert(param) or spec is None or spec.expert_world_size == 1:
+        return 0, numel
+    return spec.expert_rank * numel, numel * spec.expert_world_size
 
 
 def _group_kind(group: dict) -> str:

@@ -273,15 +273,16 @@ def _all_finite(grads: Sequence[Tensor]) -> Tensor:
 
 
 def found_inf_in_grads(grads: Sequence[Optional[Tensor]], group: Optional[ProcessGroup] = None) -> bool:
-    """True when any gradient on any rank of `group` (default: the tensor x pipeline group) holds inf/nan.
+    """True when any gradient on any rank of `group` holds inf/nan (default: the tensor x pipeline group, or
+    the whole job when experts are spread over other ranks than dense weights).
 
     The flag is max-reduced over the group so that all model-parallel ranks skip the same steps.
     """
-    from mindtron.parallel_core.optimizer.clip_grads import default_model_parallel_group
+    from mindtron.parallel_core.optimizer.clip_grads import grad_stats_group
 
     present = [g for g in grads if g is not None]
     local = bool(present) and not bool(_all_finite(present))
-    group = group if group is not None else default_model_parallel_group()
+    group = group if group is not None else grad_stats_group()
     if group is None or group.size == 1:
         return local
     flag = comm.all_reduce(Tensor(np.array([1.0 if local else 0.0], np.float32)), group, "max")

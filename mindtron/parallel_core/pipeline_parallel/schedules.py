@@ -20,6 +20,7 @@ import mindspore as ms
 from mindspore import ParameterTuple, Tensor, ops
 
 from mindtron.parallel_core import parallel_state as ps
+from mindtron.parallel_core.moe import aux_loss as moe_aux_loss
 from mindtron.parallel_core.pipeline_parallel import p2p_communication as p2p
 
 
@@ -37,6 +38,8 @@ class StageRunner:
 
     def __init__(self, step: Callable, params: Sequence, scale: float):
         self.step, self.params, self.scale = step, list(params), scale
+        # MoE auxiliary losses get the main loss's gradient scale (Megatron's MoEAuxLossAutoScaler)
+        moe_aux_loss.set_aux_loss_backward_scale(scale)
         self._weights = ParameterTuple(self.params)
         self._grad_input_and_weights = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
         self._grad_weights = ops.GradOperation(get_by_list=True, sens_param=True)
@@ -61,11 +64,12 @@ class StageRunner:
 
     def backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
         """Non-last stage: re-run the forward and pull `output_grad` back: (input grad or None, weight grads)."""
-        if input_tensor is None:
-            grads = self._grad_weights(lambda: self.step(batch, None), self._weights)(output_grad)
-            return None, list(grads)
-        input_grads, grads = self._grad_input_and_weights(lambda x: self.step(batch, x), self._weights)(
-            input_tensor, output_grad)
+        with moe_aux_loss.replaying():  # the re-run forward's router statistics were counted already
+            if input_tensor is None:
+                grads = self._grad_weights(lambda: self.step(batch, None), self._weights)(output_grad)
+                return None, list(grads)
+            input_grads, grads = self._grad_input_and_weights(lambda x: self.step(batch, x), self._weights)(
+                input_tensor, output_grad)
         return input_grads[0], list(grads)
 
 

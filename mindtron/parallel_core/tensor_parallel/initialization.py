@@ -58,6 +58,8 @@ class ShardSpec:
         rank r keeps pieces r, r + world, ... (stride 2 keeps a [gate; up] pair together in each shard).
     world_size / rank: the tensor-parallel group size and this rank's index in it.
     init_method: draws the full tensor.
+    expert_world_size / expert_rank: for stacked expert weights [experts, ...], the expert-parallel split
+        of dimension 0 (rank r holds a contiguous block of experts), applied before the tensor split.
     """
 
     full_shape: Tuple[int, ...]
@@ -66,9 +68,21 @@ class ShardSpec:
     world_size: int
     rank: int
     init_method: InitMethod
+    expert_world_size: int = 1
+    expert_rank: int = 0
+
+    def local_shape(self) -> Tuple[int, ...]:
+        """The shape of this rank's slice."""
+        shape = list(self.full_shape)
+        shape[0] //= self.expert_world_size
+        if self.partition_dim is not None:
+            shape[self.partition_dim] //= self.world_size
+        return tuple(shape)
 
     def shard(self, full: np.ndarray) -> np.ndarray:
         """This rank's slice of a full tensor."""
+        if self.expert_world_size > 1:
+            full = np.split(full, self.expert_world_size, axis=0)[self.expert_rank]
         if self.partition_dim is None or self.world_size == 1:
             return full
         pieces = np.split(full, self.world_size * self.partition_stride, axis=self.partition_dim)
@@ -91,8 +105,9 @@ def make_parameter(spec: ShardSpec, dtype=ms.float32, requires_grad: bool = True
             raise ValueError(f"dimension {spec.partition_dim} of a parameter of shape {spec.full_shape} is "
                              f"not divisible by {spec.world_size * spec.partition_stride} (tensor-parallel "
                              f"size {spec.world_size} x stride {spec.partition_stride})")
-        shape[spec.partition_dim] //= spec.world_size
-    param = Parameter(Tensor(np.zeros(shape, np.float32), dtype), requires_grad=requires_grad)
+    if shape[0] % spec.expert_world_size:
+        raise ValueError(f"{shape[0]} experts cannot be split over {spec.expert_world_size} expert-parallel ranks")
+    param = Parameter(Tensor(np.zeros(spec.local_shape(), np.float32), dtype), requires_grad=requires_grad)
     param.shard_spec = spec
     return param
 

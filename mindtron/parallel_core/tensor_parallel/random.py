@@ -123,6 +123,11 @@ def forward_pass():
         _FORWARD_DEPTH[0] -= 1
 
 
+def in_forward_pass() -> bool:
+    """Whether a model's forward pass is running (False during a recompute pass or outside any model)."""
+    return _FORWARD_DEPTH[0] > 0
+
+
 class RngReplay:
     """Gives a recomputed cell the same dropout masks on its recompute pass as on its forward pass.
 

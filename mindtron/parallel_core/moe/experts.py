@@ -1,0 +1,184 @@
+"""The experts of one rank: E_local MLPs whose weights are stacked, computed one by one or as one group.
+
+Weights (this rank's experts, each split over the expert tensor-parallel group like a dense MLP):
+    dense_h_to_4h.weight  [E_local, ffn(x2 for GLU) / etp, h]   ([gate; up] kept together in each shard)
+    dense_4h_to_h.weight  [E_local, h, ffn / etp]
+    (biases [E_local, ffn(x2)] and [E_local, h] with --add-bias-linear, expert tensor parallel 1 only)
+The full stacked tensors are drawn from one generator per parameter name and split over the expert-parallel
+ranks by expert (rank r holds experts r * E_local ... (r + 1) * E_local - 1, as Megatron places them), so
+every layout starts from the same experts. Expert parameters are marked `allreduce = False`: their
+gradients are reduced over the expert-data-parallel group.
+
+Input: the rows routed to this rank's experts, grouped by expert ([N, h], `counts[e]` rows for expert e),
+and each row's routing weight. As in Megatron, the weight multiplies the activation before the second
+projection (and the second bias); with --moe-apply-probs-on-input it multiplies the input instead. The
+output [N, h] is a partial sum over the expert tensor-parallel group when that group has several ranks.
+
+Two ways to compute, the same maths:
+- the loop (Megatron's SequentialMLP): one pair of matmuls per expert with tokens;
+- grouped (--moe-grouped-gemm, document 001's use_gmm): MindSpore's grouped-matmul kernel on Ascend;
+  elsewhere the rows are laid out as [E_local, C, h] (C = the largest expert's row count, shorter experts
+  padded with zero-weight rows) and each projection is one batched matmul.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.moe.config import MoEConfig
+from mindtron.parallel_core.tensor_parallel.initialization import ShardSpec, make_parameter
+from mindtron.parallel_core.tensor_parallel.layers import add_bias
+
+
+def _expert_parameter(full_shape, partition_dim, stride, etp_group, ep_group, init_method, dtype):
+    spec = ShardSpec(tuple(full_shape), partition_dim, stride, etp_group.size, max(etp_group.rank, 0),
+                     init_method, ep_group.size, max(ep_group.rank, 0))
+    param = make_parameter(spec, dtype)
+    param.allreduce = False  # Megatron's mark for expert parameters: reduced over expert data parallel
+    param.tensor_model_parallel = partition_dim is not None and etp_group.size > 1
+    param.partition_dim = -1 if partition_dim is None else partition_dim
+    param.partition_stride = stride
+    param.sequence_parallel = False
+    return param
+
+
+class Experts(nn.Cell):
+    """This rank's experts of one MoE layer."""
+
+    def __init__(self, config, moe: MoEConfig, activation: Callable[[Tensor], Tensor], gated: bool,
+                 ep_group, etp_group):
+        super().__init__()
+        E, h, ffn = moe.num_experts, config.hidden_size, moe.moe_ffn_hidden_size
+        self.num_local_experts = E // ep_group.size
+        self.activation, self.moe = activation, moe
+        params, self.compute_dtype = config.dtype("params_dtype"), config.dtype("compute_dtype")
+        width = ffn * (2 if gated else 1)
+        init = tp.init_method_normal(config.init_method_std)
+        out_init = tp.scaled_init_method_normal(config.init_method_std, config.num_layers)
+        self.dense_h_to_4h = _Weights(
+            _expert_parameter((E, width, h), 1, 2 if gated else 1, etp_group, ep_group, init, params),
+            _expert_parameter((E, width), 1, 2 if gated else 1, etp_group, ep_group, tp.constant_init_method(0.0),
+                              params) if config.add_bias_linear else None)
+        self.dense_4h_to_h = _Weights(
+            _expert_parameter((E, h, ffn), 2, 1, etp_group, ep_group, out_init, params),
+            _expert_parameter((E, h), None, 1, etp_group, ep_group, tp.constant_init_method(0.0), params)
+            if config.add_bias_linear else None)
+        self.batch_matmul = ops.BatchMatMul(transpose_b=True)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.use_kernel = moe.moe_grouped_gemm and ms.get_context("device_target") == "Ascend"
+
+    def construct(self, tokens: Tensor, counts: np.ndarray, probs: Tensor) -> Tensor:
+        """tokens [N, h] grouped by local expert (counts [E_local]), probs [N] -> [N, h]."""
+        if self.moe.moe_apply_probs_on_input:
+            tokens = tokens * probs.astype(tokens.dtype).expand_dims(-1)
+            probs = ops.ones_like(probs)
+        if not self.moe.moe_grouped_gemm:
+            return self._loop(tokens, counts, probs) if tokens.shape[0] else tokens
+        real = None
+        if self.moe.enable_gmm_safe_tokens:
+            tokens, counts, probs, real = _add_safe_rows(tokens, counts, probs)
+        if tokens.shape[0] == 0:
+            return tokens
+        out = (self._grouped_kernel if self.use_kernel else self._grouped_padded)(tokens, counts, probs)
+        return out if real is None else ops.gather(out, real, 0)
+
+    # ---- one expert at a time (Megatron's SequentialMLP) ---------------------------------------------
+    def _loop(self, tokens, counts, probs):
+        dtype = self.compute_dtype
+        w1s = ops.unstack(self.dense_h_to_4h.weight.astype(dtype), 0)
+        w2s = ops.unstack(self.dense_4h_to_h.weight.astype(dtype), 0)
+        b1s = b2s = None
+        if self.dense_h_to_4h.bias is not None:
+            b1s = ops.unstack(self.dense_h_to_4h.bias.astype(dtype), 0)
+            b2s = ops.unstack(self.dense_4h_to_h.bias.astype(dtype), 0)
+        outputs, start = [], 0
+        for e, n in enumerate(int(c) for c in counts):
+            if n == 0:
+                continue
+            x, p = tokens[start:start + n].astype(dtype), probs[start:start + n].astype(ms.float32).expand_dims(-1)
+            start += n
+            hidden = self.matmul(x, w1s[e])
+            if b1s is not None:
+                hidden = add_bias(hidden, b1s[e])
+            hidden = (self.activation(hidden).astype(ms.float32) * p).astype(dtype)
+            out = self.matmul(hidden, w2s[e])
+            if b2s is not None:
+                out = out + (b2s[e].astype(ms.float32).expand_dims(0) * p).astype(dtype)
+            outputs.append(out)
+        if not outputs:
+            return tokens * 0.0
+        return ops.concat(outputs, 0).astype(tokens.dtype) if len(outputs) > 1 else outputs[0].astype(tokens.dtype)
+
+    # ---- all local experts at once ------------------------------------------------------------------
+    def _grouped_padded(self, tokens, counts, probs):
+        counts = np.asarray(counts, np.int64)
+        E_l, h = self.num_local_experts, tokens.shape[-1]
+        capacity = int(counts.max())
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(capacity)[None, :]
+        n = tokens.shape[0]
+        # row index into [tokens; zero row] for each (expert, slot); padding reads the zero row
+        layout = np.where(slot < counts[:, None], starts[:, None] + slot, n).reshape(-1)
+        back = np.repeat(np.arange(E_l), counts) * capacity + np.concatenate([np.arange(c) for c in counts])
+        dtype = self.compute_dtype
+        padded = ops.concat([tokens.astype(dtype), ops.zeros((1, h), dtype)], 0)
+        padded_probs = ops.concat([probs.astype(ms.float32), ops.zeros((1,), ms.float32)], 0)
+        index = Tensor(layout.astype(np.int32))
+        x = ops.gather(padded, index, 0).reshape(E_l, capacity, h)
+        p = ops.gather(padded_probs, index, 0).reshape(E_l, capacity, 1)
+        hidden = self.batch_matmul(x, self.dense_h_to_4h.weight.astype(dtype))  # [E_l, C, ffn(x2)/etp]
+        if self.dense_h_to_4h.bias is not None:
+            hidden = hidden + self.dense_h_to_4h.bias.astype(dtype).expand_dims(1)
+        hidden = (self.activation(hidden).astype(ms.float32) * p).astype(dtype)
+        out = self.batch_matmul(hidden, self.dense_4h_to_h.weight.astype(dtype))  # [E_l, C, h]
+        if self.dense_4h_to_h.bias is not None:
+            out = out + (self.dense_4h_to_h.bias.astype(ms.float32).expand_dims(1) * p).astype(dtype)
+        return ops.gather(out.reshape(E_l * capacity, h), Tensor(back.astype(np.int32)), 0).astype(tokens.dtype)
+
+    def _grouped_kernel(self, tokens, counts, probs):  # pragma: no cover - Ascend only
+        dtype = self.compute_dtype
+        group_list = Tensor(np.cumsum(np.asarray(counts, np.int64)), ms.int64)
+        w1 = ops.transpose(self.dense_h_to_4h.weight.astype(dtype), (0, 2, 1))
+        w2 = ops.transpose(self.dense_4h_to_h.weight.astype(dtype), (0, 2, 1))
+        b1 = None if self.dense_h_to_4h.bias is None else [self.dense_h_to_4h.bias.astype(dtype)]
+        hidden = ops.grouped_matmul([tokens.astype(dtype)], [w1], bias=b1, group_list=group_list,
+                                    split_item=3, group_type=0)[0]
+        hidden = (self.activation(hidden).astype(ms.float32) * probs.astype(ms.float32).expand_dims(-1)).astype(dtype)
+        out = ops.grouped_matmul([hidden], [w2], group_list=group_list, split_item=3, group_type=0)[0]
+        if self.dense_4h_to_h.bias is not None:
+            rows = Tensor(np.repeat(np.arange(self.num_local_experts), counts).astype(np.int32))
+            bias = ops.gather(self.dense_4h_to_h.bias.astype(ms.float32), rows, 0)
+            out = out + (bias * probs.astype(ms.float32).expand_dims(-1)).astype(dtype)
+        return out.astype(tokens.dtype)
+
+
+def _add_safe_rows(tokens: Tensor, counts: np.ndarray, probs: Tensor):
+    """Document 001's enable_gmm_safe_tokens: a zero row of weight 0 for every expert without tokens, so no
+    group of the grouped matmul is empty. Returns the padded rows, counts, weights and the index of the
+    real rows in the result (None when no expert was empty)."""
+    counts = np.asarray(counts, np.int64)
+    empty = counts == 0
+    if not empty.any():
+        return tokens, counts, probs, None
+    new_counts = np.maximum(counts, 1)
+    starts = np.concatenate([[0], np.cumsum(new_counts)[:-1]])
+    real = np.concatenate([starts[e] + np.arange(c) for e, c in enumerate(counts)]).astype(np.int32)
+    source = np.full(int(new_counts.sum()), tokens.shape[0], np.int64)  # default: the appended zero row
+    source[real] = np.arange(tokens.shape[0])
+    index = Tensor(source.astype(np.int32))
+    rows = ops.gather(ops.concat([tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], 0), index, 0)
+    weights = ops.gather(ops.concat([probs, ops.zeros((1,), probs.dtype)], 0), index, 0)
+    return rows, new_counts, weights, Tensor(real)
+
+
+class _Weights(nn.Cell):
+    """One stacked projection: `weight` and optional `bias` (names as in a dense MLP's linear layer)."""
+
+    def __init__(self, weight, bias: Optional[object]):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias

@@ -1,0 +1,81 @@
+"""MoE training runs under expert-parallel layouts; each returns its loss curve, gradient norms and MoE
+statistics, so tests can compare them with the single-process run. Used in one process (pytest itself)
+and on 2 and 4 ranks through run_on_ranks."""
+import os
+import shutil
+import tempfile
+
+from mindtron.parallel_core import comm
+from mindtron.parallel_core.moe import MoEConfig
+from workers.training_checks import make_config, train
+
+STEPS = 3
+
+
+def moe_options(layers: int = 2, **moe) -> dict:
+    """A tiny Mixtral-style MoE GPT (RMSNorm, RoPE, SwiGLU experts, no biases): `layers` MoE layers of 4
+    experts, top-2, aux and z losses."""
+    settings = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_aux_loss_coeff=0.01,
+                    moe_z_loss_coeff=1e-3)
+    settings.update(moe)
+    return {"moe_config": MoEConfig(**settings), "add_bias_linear": False, "num_layers": layers}
+
+
+def run(ep=1, tp=1, sp=False, pp=1, etp=None, vpp=None, layers=2, steps=STEPS, moe=None, **training) -> dict:
+    """pretrain() of the MoE GPT under a layout; the result of training_checks.train plus MoE statistics."""
+    stats = []
+
+    def keep(trainer):
+        stats.extend(r.moe for r in trainer.history)
+
+    config = make_config(tp=tp, sp=sp, pp=pp, vpp=vpp, ep=ep, etp=etp, steps=steps,
+                         model_options=moe_options(layers, **(moe or {})),
+                         eval_interval=None, eval_iters=0, **training)
+    result = train(config, on_finish=keep)
+    result["moe_losses"] = [s.losses for s in stats]
+    result["tokens"] = [{k: v.tolist() for k, v in s.tokens_per_expert.items()} for s in stats]
+    return result
+
+
+def resume_across(first: dict, second: dict, steps: int = STEPS, save_at: int = 2) -> dict:
+    """The run of layout `first` stopped and saved at `save_at`, then resumed from the checkpoint with layout
+    `second` (another expert-parallel size, say): its losses must be those of the uninterrupted run."""
+    if "MS_SCHED_PORT" in os.environ:  # every rank of this launch must write into the same directory
+        root = os.path.join(tempfile.gettempdir(), f"mindtron_moe_ckpt_{os.environ['MS_SCHED_PORT']}_{len(str(second))}")
+    else:
+        root = tempfile.mkdtemp(prefix="mindtron_moe_ckpt_")
+    try:
+        head = run(steps=steps, output_dir=root, exit_interval=save_at, **first)
+        tail = run(steps=steps, load_checkpoint=root, **second)
+    finally:
+        comm.barrier()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"resumed": head["loss"] + tail["loss"], "last_stage": tail["last_stage"]}
+
+
+def layouts_2() -> dict:
+    """On 2 ranks: EP=2 with either dispatcher, grouped experts, the distributed optimizer; TP=2 with sequence
+    parallel and its experts spread over the two ranks (expert tensor parallel 1, EP=2); checkpoints saved at
+    EP=2 resumed at EP=2 and EP=1 (also with the distributed optimizer)."""
+    return {
+        "ep2_allgather": run(ep=2),
+        "ep2_alltoall": run(ep=2, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "ep2_grouped": run(ep=2, moe={"moe_token_dispatcher_type": "alltoall", "moe_grouped_gemm": True}),
+        "ep2_distopt": run(ep=2, use_distributed_optimizer=True),
+        "tp2_sp_ep2_etp1": run(tp=2, sp=True, ep=2, etp=1, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "resume_ep2": resume_across(dict(ep=2), dict(ep=2)),
+        "resume_ep2_to_ep1": resume_across(dict(ep=2), dict(ep=1)),
+        "resume_ep2_distopt_to_ep1": resume_across(dict(ep=2, use_distributed_optimizer=True),
+                                                   dict(ep=1, use_distributed_optimizer=True)),
+    }
+
+
+def layouts_4() -> dict:
+    """On 4 ranks: EP=4; EP=2 x TP=2 (+SP, experts split over tp too) with both dispatchers; EP=2 x PP=2 x
+    virtual stages 2 (4 layers: one per model chunk)."""
+    return {
+        "ep4_alltoall": run(ep=4, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "ep2_tp2_sp": run(ep=2, tp=2, sp=True),
+        "ep2_tp2_sp_alltoall": run(ep=2, tp=2, sp=True, moe={"moe_token_dispatcher_type": "alltoall"}),
+        "ep2_pp2_vpp2_4_layers": run(ep=2, pp=2, vpp=2, layers=4, moe={"moe_token_dispatcher_type": "alltoall"}),
+    }
