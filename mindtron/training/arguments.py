@@ -150,6 +150,47 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("profile_save_path", "training_config.profile_save_path"),
     ("profile_step_start", "training_config.profile_step_start"),
     ("profile_step_end", "training_config.profile_step_end"),
+    # --- issue 18: watching and operating a run (TensorBoard/W&B, timers, memory, profiler options, exits).
+    # training_config fields; used by training/run_monitor.py, profiling.py, writers.py, signal_handler.py.
+    ("profile_ranks", "training_config.profile_ranks"),
+    ("profile_level", "training_config.profile_level"),
+    ("profile_with_stack", "training_config.profile_with_stack"),
+    ("profile_memory", "training_config.profile_memory"),
+    ("profile_framework", "training_config.profile_framework"),
+    ("profile_communication", "training_config.profile_communication"),
+    ("profile_parallel_strategy", "training_config.profile_parallel_strategy"),
+    ("profile_aicore_metrics", "training_config.profile_aicore_metrics"),
+    ("profile_l2_cache", "training_config.profile_l2_cache"),
+    ("profile_hbm_ddr", "training_config.profile_hbm_ddr"),
+    ("profile_pcie", "training_config.profile_pcie"),
+    ("profile_data_process", "training_config.profile_data_process"),
+    ("profile_data_simplification", "training_config.profile_data_simplification"),
+    ("profile_op_time", "training_config.profile_op_time"),
+    ("profile_offline_analyse", "training_config.profile_offline_analyse"),
+    ("profile_dynamic_profiler_config_path", "training_config.profile_dynamic_profiler_config_path"),
+    ("tensorboard_dir", "training_config.tensorboard_dir"),
+    ("tensorboard_log_interval", "training_config.tensorboard_log_interval"),
+    ("tensorboard_queue_size", "training_config.tensorboard_queue_size"),
+    ("log_timers_to_tensorboard", "training_config.log_timers_to_tensorboard"),
+    ("log_validation_ppl_to_tensorboard", "training_config.log_validation_ppl_to_tensorboard"),
+    ("log_memory_to_tensorboard", "training_config.log_memory_to_tensorboard"),
+    ("log_loss_scale_to_tensorboard", "training_config.log_loss_scale_to_tensorboard"),
+    ("log_world_size_to_tensorboard", "training_config.log_world_size_to_tensorboard"),
+    ("log_num_zeros_in_grad", "training_config.log_num_zeros_in_grad"),
+    ("log_params_norm", "training_config.log_params_norm"),
+    ("log_throughput", "training_config.log_throughput"),
+    ("log_memory_interval", "training_config.log_memory_interval"),
+    ("timing_log_level", "training_config.timing_log_level"),
+    ("timing_log_option", "training_config.timing_log_option"),
+    ("barrier_with_L1_time", "training_config.barrier_with_L1_time"),
+    ("wandb_project", "training_config.wandb_project"),
+    ("wandb_entity", "training_config.wandb_entity"),
+    ("wandb_exp_name", "training_config.wandb_exp_name"),
+    ("wandb_save_dir", "training_config.wandb_save_dir"),
+    ("exit_signal_handler", "training_config.exit_signal_handler"),
+    ("exit_signal", "training_config.exit_signal"),
+    ("exit_on_missing_checkpoint", "training_config.exit_on_missing_checkpoint"),
+    # --- end of issue 18's block
     # dataset_config
     ("micro_batch_size", "dataset_config.batch_size"),
     ("micro_batch_num", "dataset_config.micro_batch_num"),
@@ -247,12 +288,12 @@ _NOT_IMPLEMENTED_TEXT = """
     --rampup-batch-size --decrease-batch-size-if-needed --check-for-spiky-loss
     --check-for-large-grads --distribute-saved-activations --recompute-modules --cpu-offloading-num-layers
     --no-clone-scatter-output-in-embedding --iterations-to-skip --result-rejected-tracker-filename
-    --disable-gloo-process-groups --use-pytorch-profiler --profile-ranks --record-memory-history
+    --disable-gloo-process-groups --use-pytorch-profiler --record-memory-history
     --memory-snapshot-path --tp-comm-overlap --tp-comm-overlap-cfg --disable-tp-comm-overlap-ag
     --disable-tp-comm-overlap-rs --tp-comm-overlap-rs-dgrad --disable-tp-comm-bulk-dgrad
     --disable-tp-comm-bulk-wgrad --tp-comm-bootstrap-backend --use-cpu-initialization --empty-unused-memory-level
     --deterministic-mode --check-weight-hash-across-dp-replicas-interval --calculate-per-token-loss
-    --train-sync-interval --exit-signal-handler --tensorboard-dir --no-masked-softmax-fusion --no-bias-swiglu-fusion
+    --train-sync-interval --no-masked-softmax-fusion --no-bias-swiglu-fusion
     --use-fused-weighted-squared-relu --no-bias-dropout-fusion --rope-type --cross-entropy-loss-fusion
     --cross-entropy-fusion-impl --optimizer-cpu-offload --optimizer-offload-fraction
     --use-torch-optimizer-for-cpu-offload --overlap-cpu-optimizer-d2h-h2d --dump-param-to-param-group-map
@@ -278,7 +319,7 @@ _NOT_IMPLEMENTED_TEXT = """
     --save-retain-interval --load-main-params-from-ckpt --no-strict-fsdp-dtensor-load --non-persistent-save-interval
     --non-persistent-ckpt-type --non-persistent-global-ckpt-dir --non-persistent-local-ckpt-dir
     --non-persistent-local-ckpt-algo --pretrained-checkpoint --ckpt-step --no-initialization --use-checkpoint-args
-    --use-mp-args-from-checkpoint-args --no-use-tokenizer-model-from-checkpoint-args --exit-on-missing-checkpoint
+    --use-mp-args-from-checkpoint-args --no-use-tokenizer-model-from-checkpoint-args
     --use-persistent-ckpt-worker --auto-detect-ckpt-format --ckpt-convert-format --ckpt-convert-save
     --ckpt-convert-update-legacy-dist-opt-format --no-ckpt-fully-parallel-save --async-save
     --ckpt-fully-parallel-load --ckpt-assume-constant-structure --dist-ckpt-strictness
@@ -342,11 +383,8 @@ _NOT_IMPLEMENTED_TEXT = """
     # heterogeneous architecture
     --heterogeneous-layers-config-path --heterogeneous-layers-config-encoded-json
     # logging
-    --log-params-norm --log-num-zeros-in-grad --log-throughput --log-progress --timing-log-level --log-energy
-    --no-barrier-with-level-1-timing --timing-log-option --tensorboard-log-interval --tensorboard-queue-size
-    --log-timers-to-tensorboard --no-log-loss-scale-to-tensorboard --log-validation-ppl-to-tensorboard
-    --log-memory-to-tensorboard --log-world-size-to-tensorboard --wandb-project --wandb-entity --wandb-exp-name
-    --wandb-save-dir --logging-level
+    --log-progress --log-energy
+    --logging-level
     # straggler
     --log-straggler --disable-straggler-on-startup --straggler-ctrlr-port --straggler-minmax-count
     # workload inspector
@@ -397,11 +435,6 @@ _NOT_IMPLEMENTED_TEXT = """
     --kitchen-config-file --kitchen-recipe-number
     # sft
     --sft --sft-tokenizer-prompt-format
-    # mindtron: training (documents 000-002)
-    --profile-level --profile-with-stack --profile-memory --profile-framework --profile-communication
-    --profile-parallel-strategy --profile-aicore-metrics --profile-l2-cache --profile-hbm-ddr --profile-pcie
-    --profile-data-process --profile-data-simplification --profile-op-time --profile-offline-analyse
-    --profile-dynamic-profiler-config-path
 """
 NOT_IMPLEMENTED = frozenset(name for line in _NOT_IMPLEMENTED_TEXT.splitlines()
                             if not line.lstrip().startswith("#") for name in line.split())

@@ -70,6 +70,20 @@ class Flag:
         return kw
 
 
+def _signal_number(text: str) -> int:
+    """--exit-signal: a number (15) or a name (SIGTERM, TERM), as the signal's number."""
+    import signal
+
+    text = str(text).strip()
+    if text.lstrip("-").isdigit():
+        return int(signal.Signals(int(text)))
+    name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signal (give 15 or SIGTERM)") from None
+
+
 def _dest(option: str) -> str:
     return option.lstrip("-").replace("-", "_")
 
@@ -358,6 +372,7 @@ _LOGGING = [
     off("--no-log-loss-scale-to-tensorboard", "log_loss_scale_to_tensorboard"),
     on("--log-validation-ppl-to-tensorboard"),
     on("--log-memory-to-tensorboard"),
+    val("--log-memory-interval", int),  # core_r0.19 (a config field)
     on("--log-world-size-to-tensorboard"),
     val("--wandb-project", str, ""),
     val("--wandb-entity", str, ""),
@@ -467,6 +482,7 @@ _TRAINING = [
     val("--exit-interval", int),
     val("--exit-duration-in-mins", int),
     on("--exit-signal-handler"),
+    val("--exit-signal", _signal_number, 15, choices=(*range(1, 32), 34, 64)),  # core_r0.19 (a config field)
     val("--tensorboard-dir", str),
     off("--no-masked-softmax-fusion", "masked_softmax_fusion"),
     off("--no-bias-gelu-fusion", "bias_gelu_fusion"),
