@@ -68,7 +68,9 @@ def profiler_kwargs(training_config, output_path: str, device_target: str) -> di
         activities.append(ProfilerActivity.GPU)
     return dict(output_path=output_path, start_profile=False, activities=activities,
                 profiler_level=getattr(ProfilerLevel, level),
-                aic_metrics=getattr(AicoreMetrics, AICORE_METRICS[t.profile_aicore_metrics]),
+                # MindSpore collects AI Core metrics from Level1 on (at Level0 it would reset them with a warning)
+                aic_metrics=getattr(AicoreMetrics, AICORE_METRICS[t.profile_aicore_metrics] if level != "Level0"
+                                    else "AiCoreNone"),
                 with_stack=bool(t.profile_with_stack), profile_memory=bool(t.profile_memory),
                 parallel_strategy=bool(t.profile_parallel_strategy), l2_cache=bool(t.profile_l2_cache),
                 hbm_ddr=bool(t.profile_hbm_ddr), pcie=bool(t.profile_pcie),
@@ -111,7 +113,7 @@ class ProfilerWindow:
         set_here = [name for name, off in ASCEND_ONLY.items() if getattr(self._config, name) != off]
         if set_here:
             flags = ", ".join("--" + n.replace("_", "-") for n in set_here)
-            self._print(f"profiler: {flags} only take effect on Ascend; on {device} they are accepted and ignored")
+            self._print(f"profiler: {flags}: Ascend only; accepted and ignored on {device}")
 
     def before_iteration(self, completed: int) -> None:
         """Called before each iteration with the number of iterations done so far."""

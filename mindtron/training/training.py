@@ -23,9 +23,10 @@ from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
 from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DistributedOptimizer,
                                               DynamicLossScaler, Float16Optimizer, OptimizerParamScheduler,
-                                              clip_grads, found_inf_in_grads, get_megatron_optimizer,
-                                              needs_main_copies)
+                                              clip_grads, count_zeros, found_inf_in_grads, get_grad_norm,
+                                              get_megatron_optimizer, needs_main_copies)
 from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
+from mindtron.parallel_core.timers import get_timers
 from mindtron.training import checkpointing
 from mindtron.training.config import AllConfig
 from mindtron.training.logging import TrainingLogger
@@ -133,6 +134,8 @@ class StepResult:
     grad_norm: Optional[float]
     skipped: bool        # inf/nan gradients: no update
     loss_scale: float
+    num_zeros: Optional[int] = None      # zero gradient entries (--log-num-zeros-in-grad)
+    params_norm: Optional[float] = None  # parameter L2 norm after the step (--log-params-norm)
 
 
 class Trainer:
@@ -189,6 +192,13 @@ class Trainer:
         return gpt_forward(model, batch_source)
 
     def _next_micro_batch(self, data_iterator):
+        get_timers()("batch-generator", log_level=2).start()
+        try:
+            return self._read_micro_batch(data_iterator)
+        finally:
+            get_timers()("batch-generator", log_level=2).stop()
+
+    def _read_micro_batch(self, data_iterator):
         if self.forward_step_func is not None and self.get_batch_func is None:
             return iter([next(data_iterator)])  # forward_step_func reads its batch from an iterator
         if self.get_batch_func is not None:
@@ -231,38 +241,64 @@ class Trainer:
 
     def train_step(self, data_iterator) -> StepResult:
         """One iteration over num_microbatches micro-batches."""
+        timers, t = get_timers(), self.config.training_config
+        l1_barrier = t.barrier_with_L1_time
         self.set_train(True)
         self.sync_params()
         scale = self.loss_scaler.scale
         self.grad_buffer.reset()
+        timers("forward-backward", log_level=1).start(barrier=l1_barrier)
         result = self._run_schedule(data_iterator, forward_only=False, scale=scale, grad_sink=self.grad_buffer)
+        timers("forward-backward").stop()
         self.max_in_flight = max(getattr(self, "max_in_flight", 0), result.max_in_flight)
+        timers("all-grads-sync", log_level=1).start(barrier=l1_barrier)
         self.grad_buffer.finish()
+        timers("all-grads-sync").stop()
+        timers("optimizer", log_level=1).start(barrier=l1_barrier)
+        timers("optimizer-copy-to-main-grad", log_level=1).start()
         if isinstance(self.optimizer, DistributedOptimizer):
             # each data-parallel rank holds disjoint pieces: the norm and the inf check span every rank
             params, grads, group = self.optimizer.main_params, self.optimizer.shard_grads(), comm.world_group()
         else:
             params, grads, group = getattr(self.optimizer, "main_params", self.params), self.grad_buffer.grads(), None
+        timers("optimizer-copy-to-main-grad").stop()
+        timers("optimizer-unscale-and-check-inf", log_level=1).start()
         if scale != 1.0:
             grads = [g / scale for g in grads]
         found_inf = found_inf_in_grads(grads, group)
+        timers("optimizer-unscale-and-check-inf").stop()
         self.loss_scaler.update(found_inf)
-        grad_norm = None
+        grad_norm = num_zeros = params_norm = None
         if not found_inf:
             if self.clip > 0.0:
+                timers("optimizer-clip-main-grad", log_level=1).start()
                 grads, grad_norm = clip_grads(params, grads, self.clip, model_parallel_group=group)
+                timers("optimizer-clip-main-grad").stop()
+            if t.log_num_zeros_in_grad:
+                timers("optimizer-count-zeros", log_level=1).start()
+                num_zeros = count_zeros(params, grads, group)
+                timers("optimizer-count-zeros").stop()
+            timers("optimizer-inner-step", log_level=1).start()
             if isinstance(self.optimizer, DistributedOptimizer):
                 self.optimizer.step(grads)
             else:
                 # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
                 self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, params))))
+            timers("optimizer-inner-step").stop()
             self.scheduler.step(increment=global_batch_size(self.config))
-        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale))
+        timers("optimizer").stop()
+        if t.log_params_norm:  # the main (fp32) values the optimizer stepped, each shared one counted once
+            params_norm = get_grad_norm(params, [p.value() for p in params], group)
+        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), num_zeros,
+                          params_norm)
 
     def sync_params(self) -> None:
         """Bring the model parameters up to date (the distributed optimizer's deferred all-gather)."""
         if isinstance(self.optimizer, DistributedOptimizer):
+            barrier = self.config.training_config.barrier_with_L1_time
+            get_timers()("params-all-gather", log_level=1).start(barrier=barrier)
             self.optimizer.finish_param_sync()
+            get_timers()("params-all-gather").stop()
 
     def evaluate(self, data_iterator, eval_iters: int) -> float:
         """Mean loss over `eval_iters` iterations' worth of micro-batches, without gradients."""
@@ -366,6 +402,11 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
     model = build_model(model_provider_func)
     trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
     iteration, consumed = 0, 0
+    if t.exit_on_missing_checkpoint and t.load_checkpoint and \
+            checkpointing.read_latest_iteration(t.load_checkpoint) is None:
+        raise FileNotFoundError(f"--load {t.load_checkpoint} holds no checkpoint (no readable "
+                                "latest_checkpointed_iteration.txt) and --exit-on-missing-checkpoint is set: "
+                                "fix the path, or drop the flag to start from scratch")
     if t.load_checkpoint and (t.resume_training or t.finetune or
                               checkpointing.read_latest_iteration(t.load_checkpoint) is not None):
         iteration, consumed = checkpointing.load_checkpoint(
@@ -391,35 +432,48 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
 def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_data_loader, iteration: int,
           consumed_samples: int) -> Tuple[int, int]:
     """Iterate until --train-iters, --exit-interval or --exit-duration-in-mins; evaluate and save on schedule."""
+    from mindtron.training.run_monitor import RunMonitor
+
     t = config.training_config
     logger = TrainingLogger(config)
     gbs = global_batch_size(config)
     start = time.time()
     args_record = dataclasses.asdict(config)
     saved_at = None
+    monitor = RunMonitor(config, args_record)  # timers, TensorBoard/W&B, profiler window, memory, exit signal
     while iteration < t.training_iters:
+        monitor.before_iteration(iteration)
         step_start = time.time()
         result = trainer.train_step(train_iterator)
         trainer.history.append(result)
         iteration += 1
         consumed_samples += gbs
-        logger.iteration(iteration, consumed_samples, (time.time() - step_start) * 1000.0, result,
-                         trainer.scheduler, gbs)
+        elapsed_ms = (time.time() - step_start) * 1000.0
+        logger.iteration(iteration, consumed_samples, elapsed_ms, result, trainer.scheduler, gbs)
+        monitor.after_iteration(trainer, iteration, consumed_samples, result,
+                                logger.learning_rate(trainer.scheduler), gbs, elapsed_ms)
         if t.eval_interval and valid_data_loader is not None and iteration % t.eval_interval == 0:
             loss = trainer.evaluate(iter(valid_data_loader), t.eval_iters)
             trainer.eval_history.append((iteration, loss))
             logger.evaluation(iteration, loss)
+            monitor.evaluation(iteration, consumed_samples, loss)
         if t.output_dir and t.save_interval and iteration % t.save_interval == 0:
-            _save(trainer, config, iteration, consumed_samples, args_record)
+            with monitor.saving():
+                _save(trainer, config, iteration, consumed_samples, args_record)
             saved_at = iteration
         stop = bool(t.exit_interval and iteration % t.exit_interval == 0)
         if t.exit_duration_in_mins:
             elapsed = comm.all_reduce(Tensor(np.array([(time.time() - start) / 60.0], np.float32)), op="max")
             stop = stop or float(elapsed.asnumpy()[0]) > t.exit_duration_in_mins
+        if monitor.stop_requested():  # --exit-signal-handler: every rank stops after this same iteration
+            logger.message(f"exiting after iteration {iteration}: the exit signal was received")
+            stop = True
         if stop:
             break
     if t.output_dir and saved_at != iteration and iteration > 0:
-        _save(trainer, config, iteration, consumed_samples, args_record)
+        with monitor.saving():
+            _save(trainer, config, iteration, consumed_samples, args_record)
+    monitor.close()
     trainer.sync_params()
     return iteration, consumed_samples
 
