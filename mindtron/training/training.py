@@ -399,14 +399,14 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
         all_config = init_configs_from_args(get_args())
     _ensure_initialized(all_config)
     t = all_config.training_config
-    model = build_model(model_provider_func)
-    trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
-    iteration, consumed = 0, 0
     if t.exit_on_missing_checkpoint and t.load_checkpoint and \
             checkpointing.read_latest_iteration(t.load_checkpoint) is None:
         raise FileNotFoundError(f"--load {t.load_checkpoint} holds no checkpoint (no readable "
                                 "latest_checkpointed_iteration.txt) and --exit-on-missing-checkpoint is set: "
                                 "fix the path, or drop the flag to start from scratch")
+    model = build_model(model_provider_func)
+    trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
+    iteration, consumed = 0, 0
     if t.load_checkpoint and (t.resume_training or t.finetune or
                               checkpointing.read_latest_iteration(t.load_checkpoint) is not None):
         iteration, consumed = checkpointing.load_checkpoint(
