@@ -17,5 +17,9 @@ setup(
     # torch is test-only: the converter tests build Megatron checkpoints with the real torch.save (the
     # library never imports it). Pinned to the CPU build (+cpu wheel: pip's index here, or
     # --extra-index-url https://download.pytorch.org/whl/cpu elsewhere).
-    extras_require={"test": ["pytest>=7", "torch==2.13.0"]},
+    # monitor: TensorBoard event files (tensorboard's own writer and reader), W&B, tqdm progress bars.
+    extras_require={
+        "monitor": ["tensorboard", "wandb", "tqdm"],
+        "test": ["pytest>=7", "torch==2.13.0", "tensorboard", "wandb", "tqdm"],
+    },
 )
