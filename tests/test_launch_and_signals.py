@@ -1,6 +1,7 @@
 """Operating a run through examples/gpt/pretrain_gpt.sh, as a user or a cluster scheduler would:
 
-- two "machines" (two launches on 127.0.0.1 with NNODES=2, NODE_RANK 0/1, 2 workers each) give the same
+- two "machines" (two launches on 127.0.0.1 with NNODES=2, NODE_RANK 0/1, 2 workers each; the second one's
+  msrun is told that 127.0.0.1 is not its own address, as on a real second machine) give the same
   losses as one machine with 4 workers (TP=2 x DP=2, so tensor groups live on a node and data parallelism
   crosses nodes); the one-machine run also carries TensorBoard, W&B (offline), level-1 timers, memory reports
   and a profiler window on ranks 0 and 3, whose outputs are checked here;
@@ -25,11 +26,29 @@ SMALL = ["--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", 
 
 
 def _env(log_dir: Path, **extra) -> dict:
-    env = dict(os.environ, LOG_DIR=str(log_dir), **{k: str(v) for k, v in extra.items()})
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env = dict(os.environ, LOG_DIR=str(log_dir), **{k: str(v) for k, v in extra.items() if v is not None})
+    if "PATH" not in extra or extra["PATH"] is None:
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("WORKERS", None)
     return env
+
+
+def _second_machine_path(tmp_path: Path) -> str:
+    """PATH whose `msrun` behaves as on a second machine. msrun starts the job's scheduler wherever
+    --master_addr is a local address; on one machine both launches would, and the second scheduler fails
+    on the taken port. On a real second machine the master's address is not local: this msrun says so."""
+    bin_dir = tmp_path / "second_machine_bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "msrun").write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "from mindspore.parallel.cluster.process_entity import _api\n"
+        "_api._is_local_ip = lambda address: False  # the master address is another machine's\n"
+        "from mindspore.parallel.cluster.run import main\n"
+        "sys.exit(main())\n")
+    (bin_dir / "msrun").chmod(0o755)
+    return str(bin_dir) + os.pathsep + str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
 
 
 def _start(cwd: Path, log_dir: Path, flags, **env) -> subprocess.Popen:
@@ -68,7 +87,8 @@ def test_two_nodes_equal_one_node_and_the_run_is_watchable(tmp_path):
              "--profile-save-path", tmp_path / "prof", "--wandb-project", "mindtron-test", "--wandb-exp-name",
              "tiny", "--wandb-save-dir", tmp_path / "wandb"]
     nodes = [_start(tmp_path, tmp_path / f"node{r}", layout, NNODES=2, NODE_RANK=r, WORKERS_PER_NODE=2,
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=two_port) for r in (0, 1)]
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=two_port, PATH=_second_machine_path(tmp_path) if r else None)
+             for r in (0, 1)]
     node_out = [_finish(p) for p in nodes]
     one = _start(tmp_path, tmp_path / "one", layout + watch, GPUS_PER_NODE=4, MASTER_PORT=port,
                  WANDB_MODE="offline", WANDB_SILENT="true")

@@ -152,6 +152,7 @@ def test_profiler_settings_map_onto_mindspore_s_profiler():
     from mindspore.profiler import AicoreMetrics, ProfilerActivity, ProfilerLevel
 
     t = TrainingConfig(profile=True, profile_level="level1", profile_aicore_metrics=1, profile_memory=True,
+                       profile_framework="all",
                        profile_with_stack=True, profile_l2_cache=True, profile_hbm_ddr=True, profile_pcie=True,
                        profile_parallel_strategy=True, profile_data_process=True, profile_data_simplification=True)
     kw = profiler_kwargs(t, "/out", "Ascend")
@@ -162,6 +163,8 @@ def test_profiler_settings_map_onto_mindspore_s_profiler():
     level0 = profiler_kwargs(TrainingConfig(profile_communication=True, profile_op_time=False), "/out", "CPU")
     assert level0["profiler_level"] == ProfilerLevel.Level1 and level0["activities"] == [ProfilerActivity.CPU]
     assert profiler_kwargs(TrainingConfig(), "/o", "CPU")["aic_metrics"] == AicoreMetrics.AiCoreNone
+    assert profiler_kwargs(TrainingConfig(), "/o", "Ascend")["activities"] == [ProfilerActivity.NPU]
+    assert profiler_kwargs(TrainingConfig(profile_op_time=False), "/o", "GPU")["activities"] == [ProfilerActivity.CPU]
     with pytest.raises(ValueError, match="--profile-level"):
         profiler_kwargs(TrainingConfig(profile_level="level9"), "/o", "CPU")
     with pytest.raises(ValueError, match="--profile-aicore-metrics"):

@@ -2,11 +2,12 @@
 
 With `--profile --profile-step-start S --profile-step-end E --profile-ranks R...`, each rank in R (all ranks
 when the list is empty) records the iterations numbered S+1 .. E in the log, as Megatron counts: it starts
-once S iterations are done and stops once E are (the defaults, 10 and 12, record iterations 11 and 12). The output goes to
-`<profile_save_path>/rank_<r>/` (`--profile-save-path`, default `./profile`) and is analysed when the
-window closes, unless `--profile-offline-analyse`; then `mindspore.profiler.profiler.analyse(dir)` does it
-later. The result is MindSpore's usual layout (`*_ascend_ms/ASCEND_PROFILER_OUTPUT/trace_view.json`, a
-Chrome trace that MindStudio Insight and chrome://tracing read, plus per-op CSVs under `FRAMEWORK/` on CPU).
+once S iterations are done and stops once E are (the defaults, 10 and 12, record iterations 11 and 12).
+The output goes to `<profile_save_path>/rank_<r>/` (`--profile-save-path`, default `./profile`) and is
+analysed when the window closes, unless `--profile-offline-analyse`; then
+`mindspore.profiler.profiler.analyse(dir)` does it later. The result is MindSpore's usual layout
+(`*_ascend_ms/ASCEND_PROFILER_OUTPUT/trace_view.json`, a Chrome trace that MindStudio Insight and
+chrome://tracing read, plus per-op CSVs under `FRAMEWORK/` on CPU).
 
 Document 002's options map onto MindSpore's profiler:
 
@@ -61,11 +62,13 @@ def profiler_kwargs(training_config, output_path: str, device_target: str) -> di
     level = _LEVELS[t.profile_level]
     if t.profile_communication and level == "Level0":
         level = "Level1"  # MindSpore collects communication ops from Level1 on
-    activities = [ProfilerActivity.CPU]
+    # host (framework) data with profile_framework; on CPU it is all there is
+    activities = [ProfilerActivity.CPU] if t.profile_framework or device_target == "CPU" else []
     if t.profile_op_time and device_target == "Ascend":
         activities.append(ProfilerActivity.NPU)
     elif t.profile_op_time and device_target == "GPU":
         activities.append(ProfilerActivity.GPU)
+    activities = activities or [ProfilerActivity.CPU]
     return dict(output_path=output_path, start_profile=False, activities=activities,
                 profiler_level=getattr(ProfilerLevel, level),
                 # MindSpore collects AI Core metrics from Level1 on (at Level0 it would reset them with a warning)
