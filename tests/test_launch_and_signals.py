@@ -114,7 +114,10 @@ def test_two_nodes_equal_one_node_and_the_run_is_watchable(tmp_path):
     assert not names & {"forward-compute", "backward-compute", "batch-generator"}
     assert re.search(r"\| num zeros: \d+ \| params norm: [0-9.]+ \|", text)
     assert "throughput per GPU (TFLOP/s/GPU):" in text
-    assert re.search(r"\[Rank 3\] \(after 2 iterations\) memory \(MB\) \| host rss: [0-9.]+", text)
+    # memory: from the first data-parallel rank of each tensor-parallel group (ranks 0 and 1)
+    first_dp = (tmp_path / "one" / "worker_1.log").read_text(errors="replace")
+    assert re.search(r"\[Rank 1\] \(after 2 iterations\) memory \(MB\) \| host rss: [0-9.]+", first_dp)
+    assert "memory (MB)" not in text
 
     # TensorBoard, written by the last rank only, read with TensorBoard's own reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
