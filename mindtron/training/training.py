@@ -175,6 +175,7 @@ class Trainer:
         self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
         self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
         self.eval_history: List[Tuple[int, float]] = []  # (iteration, validation loss) per evaluation
+        self.exit_signal_received = False  # train() stopped on --exit-signal-handler's signal
         self.clip = (config.optimizer_config.clip_grad if config.optimizer_config.clip_grad
                      else (config.training_config.max_grad_norm if config.training_config.use_clip_grad else 0.0))
 
@@ -422,7 +423,9 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
     elif consumed and hasattr(getattr(train_data_loader, "batch_sampler", None), "consumed_samples"):
         train_data_loader.batch_sampler.consumed_samples = consumed  # resume where the run stopped
     iteration, consumed = train(trainer, all_config, iter(train_data_loader), valid_data_loader, iteration, consumed)
-    if t.eval_iters:  # Megatron's closing evaluation on the validation and test sets
+    # Megatron's closing evaluation on the validation and test sets (not when a scheduler's signal asked
+    # the job to end: its grace period is for the checkpoint)
+    if t.eval_iters and not trainer.exit_signal_received:
         for split, loader in (("validation", valid_data_loader), ("test", test_data_loader)):
             if loader is not None:
                 TrainingLogger(all_config).evaluation(iteration, trainer.evaluate(iter(loader), t.eval_iters), split)
@@ -467,7 +470,7 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
             stop = stop or float(elapsed.asnumpy()[0]) > t.exit_duration_in_mins
         if monitor.stop_requested():  # --exit-signal-handler: every rank stops after this same iteration
             logger.message(f"exiting after iteration {iteration}: the exit signal was received")
-            stop = True
+            trainer.exit_signal_received = stop = True
         if stop:
             break
     if t.output_dir and saved_at != iteration and iteration > 0:
