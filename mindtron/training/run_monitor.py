@@ -29,7 +29,7 @@ from mindtron.training.logging import model_flops_per_token
 from mindtron.training.memory import memory_stats, report_memory
 from mindtron.training.profiling import ProfilerWindow
 from mindtron.training.signal_handler import DistributedSignalHandler
-from mindtron.training.writers import build_writers
+from mindtron.training.writers import build_writers, set_writer
 
 __all__ = ["RunMonitor", "timers_to_log"]
 
@@ -60,6 +60,7 @@ class RunMonitor:
         self.timers: Timers = set_timers(Timers(t.timing_log_level, t.timing_log_option))
         self.timer_names = timers_to_log(t.timing_log_level)
         self.writer = build_writers(t, self.rank, self.world, args_record)
+        set_writer(self.writer)
         self.profiler = ProfilerWindow(t, self.rank, printer=lambda text: print(text, flush=True))
         self.signals = DistributedSignalHandler(t.exit_signal).__enter__() if t.exit_signal_handler else None
         self._flops_per_token = model_flops_per_token(config.model_config)
@@ -155,6 +156,7 @@ class RunMonitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            set_writer(None)
         if self.signals is not None:
             self.signals.release()
         set_timers(Timers(0, self.t.timing_log_option))

@@ -14,7 +14,8 @@ import os
 import time
 from typing import Any, Dict, Optional
 
-__all__ = ["TensorBoardWriter", "WandbWriter", "build_writers", "MISSING_TENSORBOARD", "MISSING_WANDB"]
+__all__ = ["TensorBoardWriter", "WandbWriter", "build_writers", "get_writer", "set_writer", "MISSING_TENSORBOARD",
+           "MISSING_WANDB"]
 
 MISSING_TENSORBOARD = ("--tensorboard-dir needs the 'tensorboard' package, which is not installed: "
                        "pip install 'mindtron[monitor]' (or pip install tensorboard), or drop --tensorboard-dir")
@@ -128,3 +129,18 @@ def build_writers(training_config, rank: int, world_size: int, args_record: Opti
     if not writers:
         return None
     return writers[0] if len(writers) == 1 else _Fanout(writers)
+
+
+_WRITER = None
+
+
+def get_writer():
+    """The running job's writer on the rank that writes (None elsewhere, or outside training): code that
+    adds its own scalars, such as per-layer MoE losses, calls `get_writer().add_scalar(tag, value, step)`."""
+    return _WRITER
+
+
+def set_writer(writer) -> None:
+    """Install the job's writer (RunMonitor does, for the length of train())."""
+    global _WRITER
+    _WRITER = writer
