@@ -289,3 +289,34 @@ def test_progress_on_a_terminal_is_a_bar_with_an_eta(monkeypatch):
     for _ in range(3):
         progress.step()
     assert "ETA" in plain.getvalue() and "converting 2/8 tensors" in plain.getvalue()
+
+
+# -------------------------------------------------------------------------------------------------------
+# Flags
+# -------------------------------------------------------------------------------------------------------
+def test_operating_flags_land_in_the_training_config():
+    from mindtron.training.arguments import init_configs_from_args, parse_args
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "2", "--train-iters", "10"]
+    t = init_configs_from_args(parse_args(args=base + [
+        "--exit-signal-handler", "--exit-signal", "SIGUSR1", "--timing-log-level", "2", "--timing-log-option", "all",
+        "--no-barrier-with-level-1-timing", "--profile-ranks", "0", "2", "--no-log-loss-scale-to-tensorboard",
+        "--log-memory-interval", "200", "--tensorboard-dir", "/tb", "--tensorboard-queue-size", "5",
+        "--wandb-project", "p", "--wandb-exp-name", "e", "--exit-on-missing-checkpoint"], world_size=1)).training_config
+    assert (t.exit_signal_handler, t.exit_signal, t.timing_log_level, t.timing_log_option) == (True, 10, 2, "all")
+    assert (t.barrier_with_L1_time, t.profile_ranks, t.log_loss_scale_to_tensorboard) == (False, [0, 2], False)
+    assert (t.log_memory_interval, t.tensorboard_dir, t.tensorboard_queue_size) == (200, "/tb", 5)
+    assert (t.wandb_project, t.wandb_exp_name, t.exit_on_missing_checkpoint) == ("p", "e", True)
+    assert parse_args(args=base + ["--exit-signal", "15"], world_size=1).exit_signal == 15
+    with pytest.raises(ValueError, match="--exit-signal"):
+        parse_args(args=base + ["--exit-signal", "SIGNOPE"], world_size=1)
+
+
+def test_memory_interval_must_be_a_multiple_of_the_log_interval():
+    from mindtron.training.config import AllConfig
+    from mindtron.training.run_monitor import RunMonitor
+
+    with pytest.raises(ValueError, match="--log-memory-interval \\(15\\) must be a positive multiple of "
+                                         "--log-interval \\(10\\)"):
+        RunMonitor(AllConfig(training_config=TrainingConfig(log_interval=10, log_memory_interval=15)))
