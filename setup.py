@@ -23,6 +23,12 @@ setup(
     # wheel: pip's index here, or --extra-index-url https://download.pytorch.org/whl/cpu elsewhere).
     # sentencepiece: --tokenizer-type SentencePieceTokenizer / GPTSentencePieceTokenizer / Llama2Tokenizer
     # (and their tests); transformers: --tokenizer-type HuggingFaceTokenizer.
-    extras_require={"test": ["pytest>=7", "torch==2.13.0", "sentencepiece"], "torch": ["torch>=2.6"],
-                    "sentencepiece": ["sentencepiece"], "huggingface": ["transformers"]},
+    # monitor: TensorBoard event files (tensorboard's own writer and reader), W&B, tqdm progress bars.
+    extras_require={
+        "test": ["pytest>=7", "torch==2.13.0", "sentencepiece", "tensorboard", "wandb", "tqdm"],
+        "torch": ["torch>=2.6"],
+        "monitor": ["tensorboard", "wandb", "tqdm"],
+        "sentencepiece": ["sentencepiece"],
+        "huggingface": ["transformers"],
+    },
 )

@@ -265,7 +265,8 @@ def test_every_flag_has_a_policy_with_a_reason():
     assert status["--num-experts"] == status["--moe-grouped-gemm"] == P.IMPLEMENTED
     assert status["--moe-latent-size"] == status["--moe-use-upcycling"] == P.REFUSED
     assert status["--step-batch-size-schedule"] == status["--rampup-batch-size"] == P.IMPLEMENTED
-    assert status["--null-tokenizer-eod-id"] == P.IMPLEMENTED and status["--tensorboard-dir"] == P.IGNORED
+    assert status["--null-tokenizer-eod-id"] == status["--tensorboard-dir"] == P.IMPLEMENTED
+    assert status["--use-pytorch-profiler"] == P.IGNORED
 
 
 def test_refused_flags_raise_naming_the_flag_only_when_set_to_a_non_default_value():
@@ -302,11 +303,12 @@ def test_gpt3_175b_flags_parse_and_map():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = parse_args(args=GPT3_175B, world_size=1024)
-    assert [str(w.message).split()[0] for w in caught] == ["--tensorboard-dir"]  # the one unimplemented flag
+    assert [str(w.message) for w in caught] == []  # every flag of the script is implemented
     assert args.data_parallel_size == 8 and args.global_batch_size == 1536
     assert args.gradient_accumulation_steps == 16 // (1 * 8)  # the first iteration's, by the schedule
     assert args.params_dtype == "float16" and args.ffn_hidden_size == 4 * 12288 and args.kv_channels == 128
     cfg = init_configs_from_args(args)
+    assert cfg.training_config.tensorboard_dir == "/tb"
     m, t, o, p, d = (cfg.model_config, cfg.training_config, cfg.optimizer_config, cfg.parallel_config,
                      cfg.dataset_config)
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == (96, 12288, 96, 2048)
@@ -449,6 +451,24 @@ DOC002_TABLES = [
     ("profile_save_path", "training_config.profile_save_path", ["--profile-save-path", "/prof"], "/prof"),
     ("profile_step_start", "training_config.profile_step_start", ["--profile-step-start", "3"], 3),
     ("profile_step_end", "training_config.profile_step_end", ["--profile-step-end", "4"], 4),
+    ("profile_level", "training_config.profile_level", ["--profile-level", "level1"], "level1"),
+    ("profile_with_stack", "training_config.profile_with_stack", ["--profile-with-stack"], True),
+    ("profile_memory", "training_config.profile_memory", ["--profile-memory"], True),
+    ("profile_framework", "training_config.profile_framework", ["--profile-framework", "all"], "all"),
+    ("profile_communication", "training_config.profile_communication", ["--profile-communication"], True),
+    ("profile_parallel_strategy", "training_config.profile_parallel_strategy", ["--profile-parallel-strategy"],
+     True),
+    ("profile_aicore_metrics", "training_config.profile_aicore_metrics", ["--profile-aicore-metrics", "3"], 3),
+    ("profile_l2_cache", "training_config.profile_l2_cache", ["--profile-l2-cache"], True),
+    ("profile_hbm_ddr", "training_config.profile_hbm_ddr", ["--profile-hbm-ddr"], True),
+    ("profile_pcie", "training_config.profile_pcie", ["--profile-pcie"], True),
+    ("profile_data_process", "training_config.profile_data_process", ["--profile-data-process"], True),
+    ("profile_data_simplification", "training_config.profile_data_simplification",
+     ["--profile-data-simplification"], True),
+    ("profile_op_time", "training_config.profile_op_time", ["--profile-op-time", "false"], False),
+    ("profile_offline_analyse", "training_config.profile_offline_analyse", ["--profile-offline-analyse"], True),
+    ("profile_dynamic_profiler_config_path", "training_config.profile_dynamic_profiler_config_path",
+     ["--profile-dynamic-profiler-config-path", "/cfg.json"], "/cfg.json"),
     # dataset_config
     ("reset_attention_mask", "dataset_config.reset_attention_mask", ["--reset-attention-mask"], True),
     ("reset_position_ids", "dataset_config.reset_position_ids", ["--reset-position-ids"], True),
@@ -503,25 +523,6 @@ DOC002_TABLES = [
     ("select_comm_recompute", "parallel_config.select_comm_recompute", ["--select-comm-recompute"], True),
 ]
 
-# Rows of document 002's training table whose training_config field does not exist yet: the flags are
-# accepted (and warn as not implemented) until config.py gains the fields.
-DOC002_NO_FIELD_YET = [
-    ("profile_level", "training_config.profile_level"),
-    ("profile_with_stack", "training_config.profile_with_stack"),
-    ("profile_memory", "training_config.profile_memory"),
-    ("profile_framework", "training_config.profile_framework"),
-    ("profile_communication", "training_config.profile_communication"),
-    ("profile_parallel_strategy", "training_config.profile_parallel_strategy"),
-    ("profile_aicore_metrics", "training_config.profile_aicore_metrics"),
-    ("profile_l2_cache", "training_config.profile_l2_cache"),
-    ("profile_hbm_ddr", "training_config.profile_hbm_ddr"),
-    ("profile_pcie", "training_config.profile_pcie"),
-    ("profile_data_process", "training_config.profile_data_process"),
-    ("profile_data_simplification", "training_config.profile_data_simplification"),
-    ("profile_op_time", "training_config.profile_op_time"),
-    ("profile_offline_analyse", "training_config.profile_offline_analyse"),
-    ("profile_dynamic_profiler_config_path", "training_config.profile_dynamic_profiler_config_path"),
-]
 
 
 def test_document_002_tables_land_in_their_fields():
@@ -541,14 +542,6 @@ def test_document_002_tables_land_in_their_fields():
                 wrong.append((name, target, got, expected))
             assert name in same_as_default or field_value(default_cfg, target) != expected, name
     assert not wrong, wrong
-
-
-def test_document_002_rows_without_a_config_field_yet():
-    fields = {"training_config": {f.name for f in dataclasses.fields(TrainingConfig)}}
-    for name, target in DOC002_NO_FIELD_YET:
-        section, field = target.split(".")
-        assert field not in fields[section], f"{target} exists now: map {name} in arguments.CONFIG_MAP"
-        assert name in mf.FLAGS_BY_DEST and mf.FLAGS_BY_DEST[name].name in NOT_IMPLEMENTED
 
 
 def test_documents_000_001_training_options():
@@ -692,12 +685,12 @@ def test_bad_values_raise_value_error_naming_the_flag():
 def test_not_implemented_flag_warns_once_and_only_when_set():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        parse_args(args=BASE + ["--tensorboard-dir", "/tb", "--attention-backend", "auto"], world_size=1)
-        parse_args(args=BASE + ["--tensorboard-dir", "/other"], world_size=1)
+        parse_args(args=BASE + ["--tp-comm-overlap-cfg", "/tp", "--attention-backend", "auto"], world_size=1)
+        parse_args(args=BASE + ["--tp-comm-overlap-cfg", "/other"], world_size=1)
         parse_args(args=BASE, world_size=1)
     messages = [str(w.message) for w in caught if issubclass(w.category, NotImplementedFlagWarning)]
-    assert len(messages) == 1 and messages[0].startswith("--tensorboard-dir ")  # auto is the default: silent
-    assert "--tensorboard-dir" in NOT_IMPLEMENTED and "--attention-backend" in NOT_IMPLEMENTED
+    assert len(messages) == 1 and messages[0].startswith("--tp-comm-overlap-cfg ")  # auto is the default: silent
+    assert "--tp-comm-overlap-cfg" in NOT_IMPLEMENTED and "--attention-backend" in NOT_IMPLEMENTED
 
 
 def test_extra_args_provider_flags_are_accepted():

@@ -121,7 +121,7 @@ def test_command_line_wrapper_shows_progress(tmp_path, jsonl):
                           "--output-prefix", str(tmp_path / "cli"), "--append-eod", "--workers", "1",
                           "--log-interval", "1"] + GPT2_FLAGS, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "Processed 4 docs" in out.stderr and "Wrote 4 documents" in out.stderr
+    assert "Processed 4 documents (" in out.stderr and "Wrote 4 documents" in out.stderr
     assert IndexedDataset(str(tmp_path / "cli_text_document")).document_indices.tolist() == [0, 1, 2, 2, 3]
 
 

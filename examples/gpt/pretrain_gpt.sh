@@ -3,12 +3,21 @@
 #   bash examples/gpt/pretrain_gpt.sh                  tiny GPT on CPU, 2 workers, the bundled corpus
 #   WORKERS=4 MASTER_PORT=9000 bash examples/gpt/pretrain_gpt.sh --tensor-model-parallel-size 2
 #   CONFIG=examples/gpt/configs/tiny_llama.yaml bash examples/gpt/pretrain_gpt.sh   model and training from YAML
+# Several machines, with Megatron's launcher variables (run once per machine, NODE_RANK 0 on MASTER_ADDR):
+#   NNODES=2 NODE_RANK=0 GPUS_PER_NODE=8 MASTER_ADDR=10.0.0.1 MASTER_PORT=6000 bash examples/gpt/pretrain_gpt.sh
 # Extra arguments are appended to the flags below (later flags win). Logs: $LOG_DIR/worker_*.log.
+# A SIGTERM or SIGINT sent to this script (a scheduler stopping the job) is passed on to the workers; with
+# --exit-signal-handler (and --save) they finish the iteration, save a checkpoint and exit 0.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-WORKERS=${WORKERS:-2}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-8848}
+# workers on this machine: WORKERS_PER_NODE, else Megatron's GPUS_PER_NODE, else WORKERS (one machine)
+WORKERS_PER_NODE=${WORKERS_PER_NODE:-${GPUS_PER_NODE:-${WORKERS:-2}}}
+WORLD_SIZE=$((NNODES * WORKERS_PER_NODE))
 LOG_DIR=${LOG_DIR:-msrun_log}
 export GLOG_v=${GLOG_v:-3}   # MindSpore's own INFO/WARNING chatter off
 
@@ -48,8 +57,36 @@ if [ -n "${CONFIG:-}" ]; then   # the YAML file sets the model and the training;
     OUTPUT_ARGS=""
 fi
 
-msrun --worker_num "$WORKERS" --local_worker_num "$WORKERS" --master_port "$MASTER_PORT" \
+# msrun runs in its own session, so a signal for this script's process group reaches this script only (and
+# msrun's workers run in sessions of their own); the trap hands it to the workers (MS_ROLE=MS_WORKER) and
+# leaves msrun and its scheduler to end with them.
+setsid --wait msrun --worker_num "$WORLD_SIZE" --local_worker_num "$WORKERS_PER_NODE" --node_rank "$NODE_RANK" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
       --log_dir "$LOG_DIR" --join=True --cluster_time_out=300 \
-      "$HERE/pretrain_gpt.py" $GPT_ARGS $DATA_ARGS $OUTPUT_ARGS "$@"
+      "$HERE/pretrain_gpt.py" $GPT_ARGS $DATA_ARGS $OUTPUT_ARGS "$@" &
+MSRUN_PID=$!
+forward_to_workers() {
+    local parent pid
+    # msrun's workers are its children (each in a session of its own); msrun is $! or, had setsid to
+    # fork, the child of $!
+    for parent in "$MSRUN_PID" $(pgrep -P "$MSRUN_PID" || true); do
+        for pid in $(pgrep -P "$parent" || true); do
+            if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx 'MS_ROLE=MS_WORKER'; then
+                kill -s "$1" "$pid" 2>/dev/null || true
+            fi
+        done
+    done
+}
+trap 'forward_to_workers TERM' TERM
+trap 'forward_to_workers INT' INT
+status=0
+while true; do
+    wait "$MSRUN_PID" && status=0 || status=$?
+    kill -0 "$MSRUN_PID" 2>/dev/null || break   # a trapped signal interrupts wait; msrun still runs
+done
 echo "logs: $LOG_DIR/worker_*.log"
-grep -h "Step:" "$LOG_DIR/worker_$((WORKERS - 1)).log" | sed -n '1p;$p' || true   # the last rank logs
+LAST_RANK=$((WORLD_SIZE - 1))
+if [ -f "$LOG_DIR/worker_$LAST_RANK.log" ]; then   # the last rank logs (on the last node)
+    grep -h "Step:" "$LOG_DIR/worker_$LAST_RANK.log" | sed -n '1p;$p' || true
+fi
+exit "$status"

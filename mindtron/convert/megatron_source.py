@@ -23,7 +23,8 @@ from mindtron.convert.megatron_dist import FORMAT as DIST_FORMAT
 from mindtron.convert.megatron_dist import is_dist_checkpoint, read_megatron_dist_checkpoint
 from mindtron.convert.model_state import FullCheckpoint, ShardState, assemble, observe_shapes, validate
 from mindtron.convert.qkv_order import check_version, to_current_order
-from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.report import ConversionReport
+from mindtron.progress import Progress
 from mindtron.convert.spec import ModelSpec, megatron_args_dict, spec_from_megatron_args
 from mindtron.convert.torch_reader import is_placeholder, load_torch_file
 
@@ -166,7 +167,7 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
     tp = 1 + max(t for t, _ in files)
     pp = 1 + max(p for _, p in files)
     order = sorted(files, key=lambda k: (k[1], k[0]))
-    progress = Progress(len(order), "reading", show_progress)
+    progress = Progress(len(order), "reading", show_progress, unit="files")
     spec: Optional[ModelSpec] = None
     shards: List[ShardState] = []
     chunks_seen = None
@@ -213,7 +214,7 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
             tensors = canonical_tensors(model, scheme, spec, version, tp, path, report)
             shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(path)))
         del state
-        progress.step(path.parent.name)
+        progress.step(path.parent.name, tensors=sum(len(s.tensors) for s in shards[-len(chunks):]))
     report.source_layout = (tp, pp, chunks_seen)
     full = assemble(shards, tp, pp * chunks_seen, spec, report)
     observe_shapes(spec, full, str(directory))

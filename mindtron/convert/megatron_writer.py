@@ -19,7 +19,8 @@ from typing import List
 from mindtron.convert.mindtron_format import replace_iteration_dir, target_tensors, write_tracker
 from mindtron.convert.model_state import FullCheckpoint
 from mindtron.convert.names_legacy import legacy_state
-from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.report import ConversionReport
+from mindtron.progress import Progress
 from mindtron.convert.shards import check_target_layout, plan_stages, split_stage, stage_tensors
 from mindtron.convert.spec import megatron_args_from_config
 from mindtron.convert.torch_writer import write_torch_file
@@ -76,7 +77,7 @@ def write_megatron_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, 
         release = True  # Megatron's tracker accepts iteration 0 only as "release"
         report.warn("iteration 0 is written as Megatron's release checkpoint (the tracker cannot name iteration 0)")
     iteration = 0 if release else full.iteration
-    progress = Progress(tp * pp, "writing", show_progress)
+    progress = Progress(tp * pp, "writing", show_progress, unit="files")
     written: List[Path] = []
 
     def build(tmp: Path) -> None:
@@ -89,7 +90,7 @@ def write_megatron_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, 
                          "model": legacy_state(weights)}
                 write_torch_file(state, tmp / name / RANK_FILE, archive_name="model_optim_rng")
                 written.append(Path(name) / RANK_FILE)
-                progress.step(name)
+                progress.step(name, tensors=len(weights))
 
     root = Path(save_dir)
     final = replace_iteration_dir(root, "release" if release else f"iter_{iteration:07d}", build)

@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from mindtron.convert import names as N
 from mindtron.convert.model_state import FullCheckpoint, ShardState, assemble, observe_shapes, validate
-from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.report import ConversionReport
+from mindtron.progress import Progress
 from mindtron.convert.shards import check_target_layout, plan_stages, repad_vocab, split_stage, stage_tensors
 from mindtron.convert.spec import spec_from_mindtron_args
 from mindtron.training.checkpointing import FORMAT_VERSION, TRACKER, iteration_dir, mp_rank_name, read_latest_iteration
@@ -76,7 +77,7 @@ def read_mindtron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
     tp, pp = 1 + max(t for t, _ in ranks), 1 + max(p for _, p in ranks)
     report.source, report.source_format, report.iteration = str(root), "mindtron", iteration
     report.files_read = len(ranks)
-    progress = Progress(len(ranks), "reading", show_progress)
+    progress = Progress(len(ranks), "reading", show_progress, unit="files")
     shards: List[ShardState] = []
     spec, consumed, chunks_seen = None, 0, None
     for (tp_rank, pp_rank), sub in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -114,7 +115,7 @@ def read_mindtron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
             chunks_seen = len(chunks)
         for chunk, tensors in chunks.items():
             shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(model_path)))
-        progress.step(sub.name)
+        progress.step(sub.name, tensors=len(weights))
     report.source_layout = (tp, pp, chunks_seen)
     full = assemble(shards, tp, pp * chunks_seen, spec, report)
     observe_shapes(spec, full, str(directory))
@@ -188,7 +189,7 @@ def write_mindtron_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, 
     meta = {"format_version": FORMAT_VERSION, "iteration": full.iteration, "consumed_samples": full.consumed_samples,
             "scheduler": None, "loss_scaler": None, "rng": None,
             "layout": {"tp": tp, "pp": pp, "cp": 1, "ep": 1, "dp": 1, "vpp": None}, "args": args}
-    progress = Progress(tp * pp, "writing", show_progress)
+    progress = Progress(tp * pp, "writing", show_progress, unit="files")
     written: List[Path] = []
 
     def build(tmp: Path) -> None:
@@ -198,7 +199,7 @@ def write_mindtron_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, 
                 name = mp_rank_name(tp_rank, plan.rank, pp)
                 _write_rank(tmp / name, weights, meta)
                 written.append(Path(name) / MODEL_FILE)
-                progress.step(name)
+                progress.step(name, tensors=len(weights))
 
     iteration_name = iteration_dir(str(root), full.iteration).name
     final = replace_iteration_dir(root, iteration_name, build)

@@ -1,40 +1,9 @@
-"""What a conversion did (the summary the command prints) and a small progress bar."""
+"""What a conversion did (the summary the command prints)."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, TextIO, Tuple
-
-
-class Progress:
-    """A one-line progress bar on stderr: redrawn in place on a terminal, one line per quarter otherwise."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, stream: Optional[TextIO] = None, width: int = 30):
-        self.total, self.label, self.width = max(int(total), 1), label, width
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.done = 0
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._printed_quarter = -1
-
-    def step(self, what: str = "") -> None:
-        """One item finished (`what` names it)."""
-        self.done += 1
-        if not self.enabled:
-            return
-        filled = int(self.width * self.done / self.total)
-        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {what}"
-        if self.tty:
-            self.stream.write("\r" + line[:120].ljust(120))
-            if self.done >= self.total:
-                self.stream.write("\n")
-        else:
-            quarter = 4 * self.done // self.total
-            if quarter != self._printed_quarter:
-                self._printed_quarter = quarter
-                self.stream.write(line + "\n")
-        self.stream.flush()
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass

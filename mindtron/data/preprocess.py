@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import regex
 
 from mindtron.data.indexed_dataset import DType, IndexedDatasetBuilder
+from mindtron.progress import Progress
 
 # ------------------------------------------------------------------------------------------------------
 # Sentence splitting (--split-sentences): NLTK punkt when it is installed with its data, else a rule:
@@ -121,50 +122,6 @@ def _read_lines(files: Sequence[str]) -> Iterator[Tuple[int, str, bytes]]:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Progress
-# ------------------------------------------------------------------------------------------------------
-class Progress:
-    """A one-line progress bar on a terminal, periodic lines otherwise."""
-
-    def __init__(self, total_bytes: int, log_interval: int, stream=None, enabled: bool = True):
-        self.total, self.log_interval = max(total_bytes, 1), max(log_interval, 1)
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = self.last = time.time()
-        self.docs = self.bytes = 0
-
-    def update(self, docs: int, nbytes: int) -> None:
-        self.docs, self.bytes = docs, nbytes
-        now = time.time()
-        if self.tty and now - self.last >= 0.1:
-            self.last = now
-            self._draw(now)
-        elif self.enabled and not self.tty and docs % self.log_interval == 0:
-            self._line(now)
-
-    def _stats(self, now: float) -> str:
-        elapsed = max(now - self.start, 1e-9)
-        return f"{self.docs} docs, {self.docs / elapsed:.0f} docs/s, {self.bytes / elapsed / 2**20:.2f} MB/s"
-
-    def _draw(self, now: float) -> None:
-        frac = min(self.bytes / self.total, 1.0)
-        filled = int(frac * 30)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {frac * 100:5.1f}% {self._stats(now)}")
-        self.stream.flush()
-
-    def _line(self, now: float) -> None:
-        print(f"Processed {self._stats(now)} ({min(self.bytes / self.total, 1.0) * 100:.1f}%)", file=self.stream,
-              flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            self._draw(time.time() + 1e-6)
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-# ------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -241,7 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     builders = {key: IndexedDatasetBuilder(p + ".bin", dtype=dtype) for key, p in prefixes.items()}
 
     total_bytes = sum(os.path.getsize(f) for f in files)
-    progress = Progress(total_bytes, args.log_interval, enabled=not args.quiet)
+    progress = Progress(label="Processed", unit="documents", total_bytes=total_bytes, log_interval=args.log_interval,
+                        enabled=not args.quiet)
     start = time.time()
     pool = None
     if args.workers > 1:

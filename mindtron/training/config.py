@@ -130,7 +130,89 @@ class TrainingConfig:
     profile_step_start: int = 10
     """First profiled iteration (--profile-step-start)."""
     profile_step_end: int = 12
-    """Last profiled iteration (--profile-step-end)."""
+    """Profiling stops once this many iterations are done (--profile-step-end); with profile_step_start 10
+    and this 12, iterations 11 and 12 are recorded, as in Megatron."""
+    # --- watching and operating a run (issue 18): TensorBoard/W&B, timers, memory, profiler options, exits ---
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
+    """Ranks that run the profiler (--profile-ranks); an empty list means every rank."""
+    profile_level: str = "level0"
+    """MindSpore profiler level: level0, level1 or level2 (document 002; Ascend only)."""
+    profile_with_stack: bool = False
+    """Record Python call stacks in the profile (document 002; Ascend only)."""
+    profile_memory: bool = False
+    """Record tensor memory in the profile (document 002; Ascend only)."""
+    profile_framework: Optional[str] = None
+    """Record framework (host) data, "all" or "time" (document 002); host data is always on for CPU."""
+    profile_communication: bool = False
+    """Record communication ops: raises the level to level1 (document 002; Ascend only)."""
+    profile_parallel_strategy: bool = False
+    """Record the parallel strategy (document 002; Ascend only)."""
+    profile_aicore_metrics: int = 0
+    """AI Core metrics: -1 none, 0 ArithmeticUtilization, 1 PipeUtilization, 2 Memory, 3 MemoryL0,
+    4 ResourceConflictRatio, 5 MemoryUB, 6 L2Cache, 7 MemoryAccess (document 002; Ascend only, level1+)."""
+    profile_l2_cache: bool = False
+    """Record L2 cache data (document 002; Ascend only)."""
+    profile_hbm_ddr: bool = False
+    """Record on-chip memory / DDR bandwidth (document 002; Ascend only)."""
+    profile_pcie: bool = False
+    """Record PCIe bandwidth (document 002; Ascend only)."""
+    profile_data_process: bool = False
+    """Record data-processing time (document 002; MindSpore datasets only)."""
+    profile_data_simplification: bool = False
+    """Keep only the profiler's deliverables, dropping raw framework data (document 002; Ascend only)."""
+    profile_op_time: bool = True
+    """Record device op times (document 002); host op times are always recorded."""
+    profile_offline_analyse: bool = False
+    """Leave the raw data for a later `mindspore.profiler.profiler.analyse(dir)` (document 002)."""
+    profile_dynamic_profiler_config_path: str = ""
+    """JSON file driving MindSpore's DynamicProfilerMonitor instead of the fixed window (document 002)."""
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard event files here, from the last rank (--tensorboard-dir)."""
+    tensorboard_log_interval: int = 1
+    """Iterations between TensorBoard scalars (--tensorboard-log-interval)."""
+    tensorboard_queue_size: int = 1000
+    """Events buffered before a write to the event file (--tensorboard-queue-size)."""
+    log_timers_to_tensorboard: bool = False
+    """Also write the timers and iteration time to TensorBoard (--log-timers-to-tensorboard)."""
+    log_validation_ppl_to_tensorboard: bool = False
+    """Also write validation perplexity (--log-validation-ppl-to-tensorboard)."""
+    log_memory_to_tensorboard: bool = False
+    """Also write memory figures (--log-memory-to-tensorboard)."""
+    log_loss_scale_to_tensorboard: bool = True
+    """Write the loss scale (off with --no-log-loss-scale-to-tensorboard)."""
+    log_world_size_to_tensorboard: bool = False
+    """Also write the world size (--log-world-size-to-tensorboard)."""
+    log_num_zeros_in_grad: bool = False
+    """Count zero gradient entries and log them (--log-num-zeros-in-grad)."""
+    log_params_norm: bool = False
+    """Log the L2 norm of the parameters (--log-params-norm)."""
+    log_throughput: bool = False
+    """Add Megatron's "throughput per GPU (TFLOP/s/GPU)" to the log line (--log-throughput)."""
+    log_memory_interval: Optional[int] = None
+    """Iterations between memory reports, a multiple of log_interval (--log-memory-interval)."""
+    timing_log_level: int = 0
+    """Timers to measure and print: 0 none beyond the iteration time, 1 once-per-step phases, 2 also
+    per-micro-batch work and pipeline sends/receives (--timing-log-level)."""
+    timing_log_option: str = "minmax"
+    """Timer figures over ranks: "max", "minmax" or "all" (--timing-log-option)."""
+    barrier_with_L1_time: bool = True
+    """Level-1 timers wait for every rank before starting (off: --no-barrier-with-level-1-timing)."""
+    wandb_project: str = ""
+    """Weights & Biases project; logging to W&B is on when set (--wandb-project)."""
+    wandb_entity: str = ""
+    """Weights & Biases entity (--wandb-entity)."""
+    wandb_exp_name: str = ""
+    """Weights & Biases run name (--wandb-exp-name)."""
+    wandb_save_dir: str = ""
+    """Directory for W&B files; default <save>/wandb (--wandb-save-dir)."""
+    exit_signal_handler: bool = False
+    """On exit_signal every rank finishes the iteration, a checkpoint is saved and the job exits 0
+    (--exit-signal-handler)."""
+    exit_signal: int = 15
+    """Signal number the handler waits for; 15 is SIGTERM (--exit-signal)."""
+    exit_on_missing_checkpoint: bool = False
+    """With load_checkpoint set but holding no checkpoint, stop with an error instead of starting from
+    scratch (--exit-on-missing-checkpoint)."""
 
 
 @dataclass

@@ -98,9 +98,12 @@ _NOT_TRAINING = "not used by GPT pre-training"
 _INFERENCE = "inference engine / server option; not used by training"
 _RL = "reinforcement-learning (GRPO) option; not used by pre-training"
 _OBSERVABILITY = "monitoring / fault-tolerance service of NVIDIA's stack; no effect on the results"
-_LOGGING = "logging backend, not implemented yet (its own work stream); the run is unchanged"
-_PROFILING = "profiler option, not implemented yet (its own work stream); the run is unchanged"
-_EXIT_SIGNAL = "exit-signal handling, not implemented yet (its own work stream)"
+_LOGGING = ("a logging or monitoring option of NVIDIA's stack that mindtron does not have (its TensorBoard, W&B, "
+            "timers and memory reports are implemented); the run is unchanged")
+_PROFILING = ("a PyTorch/CUDA profiler option; mindtron profiles with MindSpore's profiler (--profile and the "
+              "profile_* options); the run is unchanged")
+_EXIT_SIGNAL = ("Megatron's per-component exit-signal switches; mindtron's --exit-signal-handler stops training "
+                "cleanly and the data loader needs no handler of its own")
 _MOE_SAME = "an MoE kernel fusion, communication backend or overlap with no effect on the results here"
 _MOE_MODEL = "changes the MoE model or its routing and is not implemented in mindtron"
 _MOE_UNUSED = "an MoE option for inference, debugging or tracing; not used by pre-training"

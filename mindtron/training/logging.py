@@ -65,7 +65,7 @@ class TrainingLogger:
         self.nan += int(not math.isfinite(result.loss))
         if not self.printing:
             return
-        lr = scheduler.get_lr(scheduler.optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else float("nan")
+        lr = self.learning_rate(scheduler)
         print(f"Epoch: 0, Step: {iteration}, Loss: {result.loss:.16f}, Time: {elapsed_ms:.2f} ms", flush=True)
         if iteration % self.log_interval:
             return
@@ -75,16 +75,32 @@ class TrainingLogger:
         total = self.config.training_config.training_iters
         parts = [f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{total:8d}",
                  f"consumed samples: {consumed_samples:12d}",
-                 f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
-                 f"learning rate: {lr:.6E}", f"global batch size: {global_batch:5d}",
-                 f"lm loss: {result.loss:.6E}", f"loss scale: {result.loss_scale:.1f}"]
+                 f"elapsed time per iteration (ms): {elapsed_ms:.1f}"]
+        if self.config.training_config.log_throughput:
+            parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+        parts += [f"learning rate: {lr:.6E}", f"global batch size: {global_batch:5d}",
+                  f"lm loss: {result.loss:.6E}", f"loss scale: {result.loss_scale:.1f}"]
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
+        if getattr(result, "num_zeros", None) is not None:
+            parts.append(f"num zeros: {result.num_zeros}")
+        if getattr(result, "params_norm", None) is not None:
+            parts.append(f"params norm: {result.params_norm:.3f}")
         parts += moe_log_parts(result.moe, self.config.model_config.moe_config)
         parts += [f"number of skipped iterations: {self.skipped:3d}", f"number of nan iterations: {self.nan:3d}",
                   f"tokens per second: {tokens / seconds:.1f}", f"TFLOP/s per rank: {tflops:.4f}"]
         print(" | ".join(parts) + " |", flush=True)
         self.skipped = self.nan = 0
+
+    @staticmethod
+    def learning_rate(scheduler) -> float:
+        """The scheduler's current learning rate (of the first parameter group)."""
+        return scheduler.get_lr(scheduler.optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else float("nan")
+
+    def message(self, text: str) -> None:
+        """A line from the logging rank."""
+        if self.printing:
+            print(text, flush=True)
 
     def evaluation(self, iteration: int, loss: float, split: str = "") -> None:
         """Megatron's line: ` validation loss at iteration N[ on test set] | lm loss value: X | lm loss PPL: Y |`."""

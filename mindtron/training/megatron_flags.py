@@ -128,12 +128,16 @@ class CudaGraphModule(enum.Enum):
 
 
 def _enum_member(enum_class):
+    # Megatron takes the member's name (--exit-signal SIGTERM); a number is accepted for integer enums too
+    # (--exit-signal 15), as schedulers document signals by number.
     def convert(text):
         if isinstance(text, enum_class):
             return text
         try:
+            if issubclass(enum_class, int) and str(text).lstrip("-").isdigit():
+                return enum_class(int(text))
             return enum_class[str(text)]
-        except KeyError:
+        except (KeyError, ValueError):
             names = ", ".join(m.name for m in enum_class)
             raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {names})") from None
     convert.__name__ = f"{enum_class.__name__}_name"

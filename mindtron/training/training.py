@@ -24,9 +24,10 @@ from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
 from mindtron.parallel_core.moe import MoEStepStats, TopKRouter, get_moe_metrics_tracker, update_expert_bias
 from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DistributedOptimizer,
                                               DynamicLossScaler, Float16Optimizer, OptimizerParamScheduler,
-                                              clip_grads, found_inf_in_grads, get_megatron_optimizer,
-                                              needs_main_copies)
+                                              clip_grads, count_zeros, found_inf_in_grads, get_grad_norm,
+                                              get_megatron_optimizer, needs_main_copies)
 from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
+from mindtron.parallel_core.timers import get_timers
 from mindtron.training import checkpointing
 from mindtron.training.config import AllConfig
 from mindtron.training.logging import TrainingLogger
@@ -149,6 +150,8 @@ class StepResult:
     loss_scale: float
     global_batch_size: int = 0  # samples trained this iteration (the batch-size schedule's running batch)
     moe: Optional[MoEStepStats] = None  # the MoE layers' auxiliary losses and token counts (MoE models)
+    num_zeros: Optional[int] = None      # zero gradient entries (--log-num-zeros-in-grad)
+    params_norm: Optional[float] = None  # parameter L2 norm after the step (--log-params-norm)
 
 
 class Trainer:
@@ -189,6 +192,7 @@ class Trainer:
         self.forward_step_func, self.get_batch_func = forward_step_func, get_batch_func
         self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
         self.eval_history: List[Tuple[int, float]] = []  # (iteration, validation loss) per evaluation
+        self.exit_signal_received = False  # train() stopped on --exit-signal-handler's signal
         self.clip = (config.optimizer_config.clip_grad if config.optimizer_config.clip_grad
                      else (config.training_config.max_grad_norm if config.training_config.use_clip_grad else 0.0))
         self.routers = [cell for m in self.chunks for _, cell in m.cells_and_names() if isinstance(cell, TopKRouter)]
@@ -207,6 +211,13 @@ class Trainer:
         return gpt_forward(model, batch_source)
 
     def _next_micro_batch(self, data_iterator):
+        get_timers()("batch-generator", log_level=2).start()
+        try:
+            return self._read_micro_batch(data_iterator)
+        finally:
+            get_timers()("batch-generator", log_level=2).stop()
+
+    def _read_micro_batch(self, data_iterator):
         if self.forward_step_func is not None and self.get_batch_func is None:
             return iter([next(data_iterator)])  # forward_step_func reads its batch from an iterator
         if self.get_batch_func is not None:
@@ -252,36 +263,59 @@ class Trainer:
         """One iteration: as many micro-batches as the batch-size schedule gives after `consumed_samples`."""
         micro_batches = self.batch_schedule.num_microbatches(consumed_samples)
         batch = micro_batches * self.batch_schedule.per_micro_batch
+        timers, t = get_timers(), self.config.training_config
+        l1_barrier = t.barrier_with_L1_time
         self.set_train(True)
         self.sync_params()
         scale = self.loss_scaler.scale
         self.grad_buffer.reset()
         get_moe_metrics_tracker().clear()  # this iteration's router statistics only
+        timers("forward-backward", log_level=1).start(barrier=l1_barrier)
         result = self._run_schedule(data_iterator, forward_only=False, scale=scale, num_micro_batches=micro_batches,
                                     grad_sink=self.grad_buffer)
+        timers("forward-backward").stop()
         self.max_in_flight = max(getattr(self, "max_in_flight", 0), result.max_in_flight)
+        timers("all-grads-sync", log_level=1).start(barrier=l1_barrier)
         self.grad_buffer.finish()
         moe_stats = self._finish_moe_step(micro_batches)
+        timers("all-grads-sync").stop()
+        timers("optimizer", log_level=1).start(barrier=l1_barrier)
+        timers("optimizer-copy-to-main-grad", log_level=1).start()
         if isinstance(self.optimizer, DistributedOptimizer):
             # each data-parallel rank holds disjoint pieces: the norm and the inf check span every rank
             params, grads, group = self.optimizer.main_params, self.optimizer.shard_grads(), comm.world_group()
         else:
             params, grads, group = getattr(self.optimizer, "main_params", self.params), self.grad_buffer.grads(), None
+        timers("optimizer-copy-to-main-grad").stop()
+        timers("optimizer-unscale-and-check-inf", log_level=1).start()
         if scale != 1.0:
             grads = [g / scale for g in grads]
         found_inf = found_inf_in_grads(grads, group)
+        timers("optimizer-unscale-and-check-inf").stop()
         self.loss_scaler.update(found_inf)
-        grad_norm = None
+        grad_norm = num_zeros = params_norm = None
         if not found_inf:
             if self.clip > 0.0:
+                timers("optimizer-clip-main-grad", log_level=1).start()
                 grads, grad_norm = clip_grads(params, grads, self.clip, model_parallel_group=group)
+                timers("optimizer-clip-main-grad").stop()
+            if t.log_num_zeros_in_grad:
+                timers("optimizer-count-zeros", log_level=1).start()
+                num_zeros = count_zeros(params, grads, group)
+                timers("optimizer-count-zeros").stop()
+            timers("optimizer-inner-step", log_level=1).start()
             if isinstance(self.optimizer, DistributedOptimizer):
                 self.optimizer.step(grads)
             else:
                 # mutable: the gradients change every step; as constants MindSpore would warn and recompile.
                 self.optimizer(ms.mutable(tuple(g.astype(p.dtype) for g, p in zip(grads, params))))
+            timers("optimizer-inner-step").stop()
             self.scheduler.step(increment=batch)  # Megatron counts the schedule in samples
-        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), batch, moe_stats)
+        timers("optimizer").stop()
+        if t.log_params_norm:  # the main (fp32) values the optimizer stepped, each shared one counted once
+            params_norm = get_grad_norm(params, [p.value() for p in params], group)
+        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), batch, moe_stats,
+                          num_zeros, params_norm)
 
     def skip_step(self, data_iterator, consumed_samples: int = 0) -> int:
         """Read and drop one iteration's micro-batches without training (--iterations-to-skip, Megatron's
@@ -310,7 +344,10 @@ class Trainer:
     def sync_params(self) -> None:
         """Bring the model parameters up to date (the distributed optimizer's deferred all-gather)."""
         if isinstance(self.optimizer, DistributedOptimizer):
+            barrier = self.config.training_config.barrier_with_L1_time
+            get_timers()("params-all-gather", log_level=1).start(barrier=barrier)
             self.optimizer.finish_param_sync()
+            get_timers()("params-all-gather").stop()
 
     def evaluate(self, data_iterator, eval_iters: int) -> float:
         """Mean loss over `eval_iters` iterations' worth of micro-batches, without gradients."""
@@ -427,6 +464,11 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
         all_config = init_configs_from_args(get_args())
     _ensure_initialized(all_config)
     t = all_config.training_config
+    if t.exit_on_missing_checkpoint and t.load_checkpoint and \
+            checkpointing.read_latest_iteration(t.load_checkpoint) is None:
+        raise FileNotFoundError(f"--load {t.load_checkpoint} holds no checkpoint (no readable "
+                                "latest_checkpointed_iteration.txt) and --exit-on-missing-checkpoint is set: "
+                                "fix the path, or drop the flag to start from scratch")
     model = build_model(model_provider_func)
     trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
     iteration, consumed = 0, 0
@@ -449,7 +491,9 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
     elif consumed and hasattr(getattr(train_data_loader, "batch_sampler", None), "consumed_samples"):
         train_data_loader.batch_sampler.consumed_samples = consumed  # resume where the run stopped
     iteration, consumed = train(trainer, all_config, iter(train_data_loader), valid_data_loader, iteration, consumed)
-    if t.eval_iters:  # Megatron's closing evaluation on the validation and test sets
+    # Megatron's closing evaluation on the validation and test sets (not when a scheduler's signal asked
+    # the job to end: its grace period is for the checkpoint)
+    if t.eval_iters and not trainer.exit_signal_received:
         for split, loader in (("validation", valid_data_loader), ("test", test_data_loader)):
             if loader is not None:
                 TrainingLogger(all_config).evaluation(iteration, trainer.evaluate(iter(loader), t.eval_iters), split)
@@ -463,6 +507,8 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
     Each iteration trains the batch the batch-size schedule gives for the samples consumed so far; when the
     number of micro-batches changes, a checkpoint is saved first (with --save), as Megatron does.
     """
+    from mindtron.training.run_monitor import RunMonitor
+
     t = config.training_config
     logger = TrainingLogger(config)
     start = time.time()
@@ -471,10 +517,13 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
     schedule = trainer.batch_schedule
     micro_batches = schedule.num_microbatches(consumed_samples, check=False)
     skip = set(t.iterations_to_skip or ())
+    monitor = RunMonitor(config, args_record)  # timers, TensorBoard/W&B, profiler window, memory, exit signal
     while iteration < t.training_iters:
+        monitor.before_iteration(iteration)
         now = schedule.num_microbatches(consumed_samples, check=False)
         if now != micro_batches and t.output_dir and saved_at != iteration:
-            _save(trainer, config, iteration, consumed_samples, args_record)
+            with monitor.saving():
+                _save(trainer, config, iteration, consumed_samples, args_record)
             saved_at = iteration
         micro_batches = now
         if iteration + 1 in skip:
@@ -486,23 +535,32 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
         trainer.history.append(result)
         iteration += 1
         consumed_samples += result.global_batch_size
-        logger.iteration(iteration, consumed_samples, (time.time() - step_start) * 1000.0, result,
-                         trainer.scheduler, result.global_batch_size)
+        elapsed_ms = (time.time() - step_start) * 1000.0
+        logger.iteration(iteration, consumed_samples, elapsed_ms, result, trainer.scheduler, result.global_batch_size)
+        monitor.after_iteration(trainer, iteration, consumed_samples, result,
+                                logger.learning_rate(trainer.scheduler), result.global_batch_size, elapsed_ms)
         if t.eval_interval and valid_data_loader is not None and iteration % t.eval_interval == 0:
             loss = trainer.evaluate(iter(valid_data_loader), t.eval_iters)
             trainer.eval_history.append((iteration, loss))
             logger.evaluation(iteration, loss)
+            monitor.evaluation(iteration, consumed_samples, loss)
         if t.output_dir and t.save_interval and iteration % t.save_interval == 0:
-            _save(trainer, config, iteration, consumed_samples, args_record)
+            with monitor.saving():
+                _save(trainer, config, iteration, consumed_samples, args_record)
             saved_at = iteration
         stop = bool(t.exit_interval and iteration % t.exit_interval == 0)
         if t.exit_duration_in_mins:
             elapsed = comm.all_reduce(Tensor(np.array([(time.time() - start) / 60.0], np.float32)), op="max")
             stop = stop or float(elapsed.asnumpy()[0]) > t.exit_duration_in_mins
+        if monitor.stop_requested():  # --exit-signal-handler: every rank stops after this same iteration
+            logger.message(f"exiting after iteration {iteration}: the exit signal was received")
+            trainer.exit_signal_received = stop = True
         if stop:
             break
     if t.output_dir and saved_at != iteration and iteration > 0:
-        _save(trainer, config, iteration, consumed_samples, args_record)
+        with monitor.saving():
+            _save(trainer, config, iteration, consumed_samples, args_record)
+    monitor.close()
     trainer.sync_params()
     return iteration, consumed_samples
 

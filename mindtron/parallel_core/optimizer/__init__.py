@@ -8,8 +8,8 @@ the global norm over model-parallel ranks, and loss scalers (constant, dynamic, 
     scheduler.step(increment)
 """
 from mindtron.parallel_core.optimizer.clip_grads import (
-    clip_grad_by_total_norm, clip_grads, get_grad_norm, grads_for_norm, param_is_not_tensor_parallel_duplicate,
-    param_is_shared)
+    clip_grad_by_total_norm, clip_grads, count_zeros, get_grad_norm, grads_for_norm,
+    param_is_not_tensor_parallel_duplicate, param_is_shared)
 from mindtron.parallel_core.optimizer.loss_scaler import (
     AdaptiveLossScaler, AdaptiveLossScaleUpdateCell, ConstantLossScaler, DynamicLossScaler, LossScaler,
     adaptive_scale_windows, found_inf_in_grads, unscale_grads)
@@ -23,7 +23,7 @@ from mindtron.parallel_core.optimizer.float16_optimizer import Float16Optimizer,
 __all__ = [
     "get_megatron_optimizer", "get_megatron_param_groups", "param_is_not_decayed", "MegatronAdamW", "MegatronSGD",
     "optimizer_state_dict", "load_optimizer_state_dict", "OptimizerParamScheduler",
-    "get_grad_norm", "clip_grad_by_total_norm", "clip_grads", "grads_for_norm",
+    "get_grad_norm", "clip_grad_by_total_norm", "clip_grads", "count_zeros", "grads_for_norm",
     "param_is_not_tensor_parallel_duplicate", "param_is_shared",
     "LossScaler", "ConstantLossScaler", "DynamicLossScaler", "AdaptiveLossScaler", "AdaptiveLossScaleUpdateCell",
     "adaptive_scale_windows", "found_inf_in_grads", "unscale_grads", "DistributedOptimizer",

@@ -218,3 +218,16 @@ def clip_grads(params: Sequence[Parameter], grads: Sequence[Tensor], max_norm: f
         raise ValueError(f"the global gradient norm is {total_norm} (error_if_nonfinite=True): the gradients "
                          "hold inf or nan; use loss scaling (--fp16 / --loss-scale) or a lower --lr")
     return clip_grad_by_total_norm(grads, max_norm, total_norm), total_norm
+
+
+def count_zeros(params: Sequence[Parameter], grads: Sequence[Tensor],
+                model_parallel_group: Optional[ProcessGroup] = None) -> int:
+    """Zero entries of the whole model's gradient over the model-parallel ranks, each replicated or shared
+    parameter counted once (Megatron's count_zeros_fp32, for --log-num-zeros-in-grad)."""
+    group = model_parallel_group if model_parallel_group is not None else default_model_parallel_group()
+    counted = grads_for_norm(params, grads)
+    local = (ops.stack([(g == 0).astype(ms.float32).sum() for g in counted]).sum().reshape(1) if counted
+             else ops.zeros((1,), ms.float32))
+    if group is not None:
+        local = comm.all_reduce(local, group)
+    return int(round(float(local.asnumpy()[0])))

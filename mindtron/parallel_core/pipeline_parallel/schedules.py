@@ -22,6 +22,7 @@ from mindspore import ParameterTuple, Tensor, ops
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core.moe import aux_loss as moe_aux_loss
 from mindtron.parallel_core.pipeline_parallel import p2p_communication as p2p
+from mindtron.parallel_core.timers import get_timers
 
 
 @dataclasses.dataclass
@@ -45,10 +46,18 @@ class StageRunner:
         self._grad_weights = ops.GradOperation(get_by_list=True, sens_param=True)
 
     def forward(self, batch, input_tensor: Optional[Tensor]) -> Tensor:
-        return self.step(batch, input_tensor)
+        with get_timers()("forward-compute", log_level=2):
+            return self.step(batch, input_tensor)
 
     def loss_and_grads(self, batch, input_tensor: Optional[Tensor]):
-        """Last stage: (loss, input grad or None, weight grads) with the loss scaled by `scale`."""
+        """Last stage: (loss, input grad or None, weight grads) with the loss scaled by `scale`.
+
+        MindSpore's autodiff runs the forward inside the gradient call, so its time counts as backward-compute.
+        """
+        with get_timers()("backward-compute", log_level=2):
+            return self._loss_and_grads(batch, input_tensor)
+
+    def _loss_and_grads(self, batch, input_tensor: Optional[Tensor]):
         if input_tensor is None:
             def fn():
                 loss = self.step(batch, None)
@@ -64,6 +73,10 @@ class StageRunner:
 
     def backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
         """Non-last stage: re-run the forward and pull `output_grad` back: (input grad or None, weight grads)."""
+        with get_timers()("backward-compute", log_level=2):
+            return self._backward(batch, input_tensor, output_grad)
+
+    def _backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
         with moe_aux_loss.replaying():  # the re-run forward's router statistics were counted already
             if input_tensor is None:
                 grads = self._grad_weights(lambda: self.step(batch, None), self._weights)(output_grad)
