@@ -23,7 +23,8 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from mindtron.parallel_core import comm
-from mindtron.parallel_core.moe.mappings import AllGatherRows, AllToAllRows, ReduceScatterRows, sizes_tensor
+from mindtron.parallel_core.moe.mappings import (AllGatherRows, AllToAllRows, ReduceScatterRows, gather_rows,
+                                                 scatter_add_rows, sizes_tensor)
 from mindtron.parallel_core.tensor_parallel import mappings as tp_mappings
 
 
@@ -49,12 +50,12 @@ def _pair_weights(probs: Tensor, routing_map: np.ndarray, columns: slice) -> Ten
     sub = routing_map[:, columns]
     experts, tokens = np.nonzero(sub.T)
     flat = (experts + (columns.start or 0)) * T + tokens
-    return ops.gather(ops.transpose(probs, (1, 0)).reshape(-1), Tensor(flat.astype(np.int32)), 0)
+    return gather_rows(ops.transpose(probs, (1, 0)).reshape(-1), flat)
 
 
 def _unpermute(rows: Tensor, token_index: np.ndarray, num_tokens: int) -> Tensor:
     """Sum each routed pair's result into its token: [pairs, h] -> [num_tokens, h]."""
-    return ops.unsorted_segment_sum(rows, Tensor(token_index.astype(np.int32)), num_tokens)
+    return scatter_add_rows(rows, token_index, num_tokens)
 
 
 class AllGatherDispatcher:
@@ -72,7 +73,7 @@ class AllGatherDispatcher:
             routing_map = comm.all_gather(Tensor(routing_map.astype(np.float32)), self.group).asnumpy() > 0.5
         local = routing_map[:, self.offset:self.offset + self.E_local]
         token_index = _expert_major(local)
-        tokens = ops.gather(hidden, Tensor(token_index.astype(np.int32)), 0)
+        tokens = gather_rows(hidden, token_index)
         weights = _pair_weights(probs, routing_map, slice(self.offset, self.offset + self.E_local))
         return Dispatched(tokens, weights, local.sum(0), {"index": token_index, "rows": routing_map.shape[0]})
 
@@ -107,7 +108,7 @@ class AlltoAllDispatcher:
         me_tp = max(self.etp.rank, 0)
         send_matrix = everyone[:, me_tp, :].reshape(ep, ep, E_l).sum(-1)
         token_index = _expert_major(routing_map)
-        rows = ops.gather(hidden, Tensor(token_index.astype(np.int32)), 0)
+        rows = gather_rows(hidden, token_index)
         weights = _pair_weights(probs, routing_map, slice(0, self.E))
         if self.a2a is not None:
             matrix = sizes_tensor(send_matrix)
@@ -123,8 +124,7 @@ class AlltoAllDispatcher:
         order = np.concatenate([np.arange(starts[c, e], starts[c, e] + sizes[c, e])
                                 for e in range(E_l) for c in range(etp * ep)]).astype(np.int64)
         if order.size and not np.array_equal(order, np.arange(order.size)):
-            rows, weights = ops.gather(rows, Tensor(order.astype(np.int32)), 0), ops.gather(
-                weights, Tensor(order.astype(np.int32)), 0)
+            rows, weights = gather_rows(rows, order), gather_rows(weights, order)
         state = {"index": token_index, "rows": routing_map.shape[0], "order": order, "send": send_matrix,
                  "per_tp": per_tp}
         return Dispatched(rows, weights, to_mine.sum(axis=(0, 1)), state)
@@ -134,7 +134,7 @@ class AlltoAllDispatcher:
         out = expert_out
         order = s["order"]
         if order.size and not np.array_equal(order, np.arange(order.size)):
-            out = ops.gather(out, Tensor(np.argsort(order).astype(np.int32)), 0)
+            out = gather_rows(out, np.argsort(order))
         if self.scatter is not None:
             out = self.scatter(out, sizes_tensor(s["per_tp"]))
         if self.a2a is not None:

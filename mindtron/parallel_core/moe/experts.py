@@ -17,8 +17,8 @@ output [N, h] is a partial sum over the expert tensor-parallel group when that g
 Two ways to compute, the same maths:
 - the loop (Megatron's SequentialMLP): one pair of matmuls per expert with tokens;
 - grouped (--moe-grouped-gemm, document 001's use_gmm): MindSpore's grouped-matmul kernel on Ascend;
-  elsewhere the rows are laid out as [E_local, C, h] (C = the largest expert's row count, shorter experts
-  padded with zero-weight rows) and each projection is one batched matmul.
+  elsewhere each expert's projections are 2-D matmuls on its rows and all the rest (activation, weighting,
+  biases) runs once on the rows of every expert together.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.tensor_parallel.initialization import ShardSpec, make_parameter
 from mindtron.parallel_core.tensor_parallel.layers import add_bias
+from mindtron.parallel_core.tensor_parallel.utils import expand_last
+from mindtron.parallel_core.moe.mappings import gather_rows
 
 
 def _expert_parameter(full_shape, partition_dim, stride, etp_group, ep_group, init_method, dtype):
@@ -67,14 +69,13 @@ class Experts(nn.Cell):
             _expert_parameter((E, h, ffn), 2, 1, etp_group, ep_group, out_init, params),
             _expert_parameter((E, h), None, 1, etp_group, ep_group, tp.constant_init_method(0.0), params)
             if config.add_bias_linear else None)
-        self.batch_matmul = ops.BatchMatMul(transpose_b=True)
         self.matmul = ops.MatMul(transpose_b=True)
         self.use_kernel = moe.moe_grouped_gemm and ms.get_context("device_target") == "Ascend"
 
     def construct(self, tokens: Tensor, counts: np.ndarray, probs: Tensor) -> Tensor:
         """tokens [N, h] grouped by local expert (counts [E_local]), probs [N] -> [N, h]."""
         if self.moe.moe_apply_probs_on_input:
-            tokens = tokens * probs.astype(tokens.dtype).expand_dims(-1)
+            tokens = tokens * expand_last(probs.astype(tokens.dtype), tokens.shape[-1])
             probs = ops.ones_like(probs)
         if not self.moe.moe_grouped_gemm:
             return self._loop(tokens, counts, probs) if tokens.shape[0] else tokens
@@ -83,8 +84,8 @@ class Experts(nn.Cell):
             tokens, counts, probs, real = _add_safe_rows(tokens, counts, probs)
         if tokens.shape[0] == 0:
             return tokens
-        out = (self._grouped_kernel if self.use_kernel else self._grouped_padded)(tokens, counts, probs)
-        return out if real is None else ops.gather(out, real, 0)
+        out = (self._grouped_kernel if self.use_kernel else self._grouped_rows)(tokens, counts, probs)
+        return out if real is None else gather_rows(out, real)
 
     # ---- one expert at a time (Megatron's SequentialMLP) ---------------------------------------------
     def _loop(self, tokens, counts, probs):
@@ -99,45 +100,46 @@ class Experts(nn.Cell):
         for e, n in enumerate(int(c) for c in counts):
             if n == 0:
                 continue
-            x, p = tokens[start:start + n].astype(dtype), probs[start:start + n].astype(ms.float32).expand_dims(-1)
+            x, p = tokens[start:start + n].astype(dtype), probs[start:start + n].astype(ms.float32)
             start += n
             hidden = self.matmul(x, w1s[e])
             if b1s is not None:
                 hidden = add_bias(hidden, b1s[e])
-            hidden = (self.activation(hidden).astype(ms.float32) * p).astype(dtype)
+            activated = self.activation(hidden).astype(ms.float32)
+            # same-shape products: MindSpore's CPU kernels are much slower on broadcast operands
+            hidden = (activated * expand_last(p, activated.shape[-1])).astype(dtype)
             out = self.matmul(hidden, w2s[e])
             if b2s is not None:
-                out = out + (b2s[e].astype(ms.float32).expand_dims(0) * p).astype(dtype)
+                bias = ops.tile(b2s[e].astype(ms.float32).expand_dims(0), (n, 1))
+                out = out + (bias * expand_last(p, out.shape[-1])).astype(dtype)
             outputs.append(out)
-        if not outputs:
-            return tokens * 0.0
         return ops.concat(outputs, 0).astype(tokens.dtype) if len(outputs) > 1 else outputs[0].astype(tokens.dtype)
 
     # ---- all local experts at once ------------------------------------------------------------------
-    def _grouped_padded(self, tokens, counts, probs):
-        counts = np.asarray(counts, np.int64)
-        E_l, h = self.num_local_experts, tokens.shape[-1]
-        capacity = int(counts.max())
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        slot = np.arange(capacity)[None, :]
-        n = tokens.shape[0]
-        # row index into [tokens; zero row] for each (expert, slot); padding reads the zero row
-        layout = np.where(slot < counts[:, None], starts[:, None] + slot, n).reshape(-1)
-        back = np.repeat(np.arange(E_l), counts) * capacity + np.concatenate([np.arange(c) for c in counts])
+    def _grouped_rows(self, tokens, counts, probs):
+        """Each expert's two projections on its rows, everything else once on all rows: the activation, the
+        weighting and the biases run as a handful of ops on [N, ...] instead of once per expert (on CPU
+        MindSpore's batched matmul is slower than its 2-D one, so the projections stay 2-D)."""
         dtype = self.compute_dtype
-        padded = ops.concat([tokens.astype(dtype), ops.zeros((1, h), dtype)], 0)
-        padded_probs = ops.concat([probs.astype(ms.float32), ops.zeros((1,), ms.float32)], 0)
-        index = Tensor(layout.astype(np.int32))
-        x = ops.gather(padded, index, 0).reshape(E_l, capacity, h)
-        p = ops.gather(padded_probs, index, 0).reshape(E_l, capacity, 1)
-        hidden = self.batch_matmul(x, self.dense_h_to_4h.weight.astype(dtype))  # [E_l, C, ffn(x2)/etp]
+        counts = np.asarray(counts, np.int64)
+        busy = [int(e) for e in np.flatnonzero(counts)]
+        sizes = [int(counts[e]) for e in busy]
+        w1s = ops.unstack(self.dense_h_to_4h.weight.astype(dtype), 0)
+        w2s = ops.unstack(self.dense_4h_to_h.weight.astype(dtype), 0)
+        rows = ops.split(tokens.astype(dtype), sizes, 0) if len(busy) > 1 else [tokens.astype(dtype)]
+        hidden = _concat([self.matmul(x, w1s[e]) for e, x in zip(busy, rows)])  # [N, ffn(x2)/etp]
+        expert_of_row = np.repeat(np.arange(self.num_local_experts), counts)
         if self.dense_h_to_4h.bias is not None:
-            hidden = hidden + self.dense_h_to_4h.bias.astype(dtype).expand_dims(1)
-        hidden = (self.activation(hidden).astype(ms.float32) * p).astype(dtype)
-        out = self.batch_matmul(hidden, self.dense_4h_to_h.weight.astype(dtype))  # [E_l, C, h]
+            hidden = hidden + gather_rows(self.dense_h_to_4h.bias.astype(dtype), expert_of_row)
+        activated = self.activation(hidden).astype(ms.float32)
+        weights = probs.astype(ms.float32)
+        hidden = (activated * expand_last(weights, activated.shape[-1])).astype(dtype)
+        parts = ops.split(hidden, sizes, 0) if len(busy) > 1 else [hidden]
+        out = _concat([self.matmul(a, w2s[e]) for e, a in zip(busy, parts)])  # [N, h]
         if self.dense_4h_to_h.bias is not None:
-            out = out + (self.dense_4h_to_h.bias.astype(ms.float32).expand_dims(1) * p).astype(dtype)
-        return ops.gather(out.reshape(E_l * capacity, h), Tensor(back.astype(np.int32)), 0).astype(tokens.dtype)
+            bias = gather_rows(self.dense_4h_to_h.bias.astype(ms.float32), expert_of_row)
+            out = out + (bias * expand_last(weights, out.shape[-1])).astype(dtype)
+        return out.astype(tokens.dtype)
 
     def _grouped_kernel(self, tokens, counts, probs):  # pragma: no cover - Ascend only
         dtype = self.compute_dtype
@@ -170,9 +172,13 @@ def _add_safe_rows(tokens: Tensor, counts: np.ndarray, probs: Tensor):
     source = np.full(int(new_counts.sum()), tokens.shape[0], np.int64)  # default: the appended zero row
     source[real] = np.arange(tokens.shape[0])
     index = Tensor(source.astype(np.int32))
-    rows = ops.gather(ops.concat([tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], 0), index, 0)
-    weights = ops.gather(ops.concat([probs, ops.zeros((1,), probs.dtype)], 0), index, 0)
+    rows = gather_rows(ops.concat([tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], 0), index)
+    weights = gather_rows(ops.concat([probs, ops.zeros((1,), probs.dtype)], 0), index)
     return rows, new_counts, weights, Tensor(real)
+
+
+def _concat(parts):
+    return parts[0] if len(parts) == 1 else ops.concat(parts, 0)
 
 
 class _Weights(nn.Cell):

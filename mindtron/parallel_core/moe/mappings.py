@@ -5,6 +5,11 @@
 | AllToAllRows      | rows to each rank by send sizes           | the reverse all-to-all                   |
 | AllGatherRows     | every rank's rows concatenated (all_gather_v) | reduce-scatter of the gradient rows  |
 | ReduceScatterRows | summed rows, this rank's share            | all-gather of the gradient rows          |
+| GatherRows        | rows of x picked by an index (a permutation, with repeats) | their gradients added back in place |
+| ScatterAddRows    | rows added into a zero buffer at an index  | the buffer's gradient gathered back      |
+
+The last two move rows within a rank. Their backward is written out because MindSpore's CPU gradient of a
+gather (a segment sum) is several times slower than the index scatter-add used here.
 
 The row counts change with every batch, so they are inputs (int32 tensors, read on the host) rather than
 attributes: a pipeline schedule may run other micro-batches' forwards before this one's backward.
@@ -71,3 +76,37 @@ class ReduceScatterRows(nn.Cell):
 
     def bprop(self, x, sizes, out, dout):
         return comm.all_gather_v(dout, sizes.asnumpy(), self.group), ops.zeros_like(sizes)
+
+
+class GatherRows(nn.Cell):
+    """x[index] along dim 0: construct(x [n, ...], index [m] int32) -> [m, ...]."""
+
+    def construct(self, x, index):
+        return ops.gather(x, index, 0)
+
+    def bprop(self, x, index, out, dout):
+        return ops.tensor_scatter_add(ops.zeros_like(x), index.reshape(-1, 1), dout), ops.zeros_like(index)
+
+
+class ScatterAddRows(nn.Cell):
+    """buffer with rows[i] added at row index[i]: construct(rows [m, ...], index [m], buffer [n, ...])."""
+
+    def construct(self, rows, index, buffer):
+        return ops.tensor_scatter_add(buffer, index.reshape(-1, 1), rows)
+
+    def bprop(self, rows, index, buffer, out, dout):
+        return ops.gather(dout, index, 0), ops.zeros_like(index), dout
+
+
+_GATHER, _SCATTER = GatherRows(), ScatterAddRows()
+
+
+def gather_rows(x: Tensor, index) -> Tensor:
+    """Rows `index` (numpy or int32 tensor) of x, with the fast backward."""
+    return _GATHER(x, index if isinstance(index, Tensor) else Tensor(np.asarray(index, np.int32)))
+
+
+def scatter_add_rows(rows: Tensor, index, num_rows: int) -> Tensor:
+    """[num_rows, ...] zeros with rows[i] added at index[i], with the fast backward."""
+    index = index if isinstance(index, Tensor) else Tensor(np.asarray(index, np.int32))
+    return _SCATTER(rows, index, ops.zeros((num_rows,) + tuple(rows.shape[1:]), rows.dtype))
