@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from mindtron.parallel_core import timers as timers_module
@@ -320,3 +321,23 @@ def test_memory_interval_must_be_a_multiple_of_the_log_interval():
     with pytest.raises(ValueError, match="--log-memory-interval \\(15\\) must be a positive multiple of "
                                          "--log-interval \\(10\\)"):
         RunMonitor(AllConfig(training_config=TrainingConfig(log_interval=10, log_memory_interval=15)))
+
+
+def test_moe_losses_reach_tensorboard_with_megatrons_tags(tmp_path):
+    """An MoE run writes each auxiliary loss (mean over MoE layers) and, with --moe-per-layer-logging, one tag
+    per layer (moe/<name>_layer_<i>), as Megatron's MoE tracker does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mindtron.parallel_core.runtime import init_runtime
+    from workers import moe_checks
+
+    init_runtime()
+    run = moe_checks.run(steps=3, moe={"moe_per_layer_logging": True}, tensorboard_dir=str(tmp_path / "tb"),
+                         log_interval=1)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"lm loss", "load_balancing_loss", "z_loss", "moe/load_balancing_loss_layer_0",
+            "moe/load_balancing_loss_layer_1", "moe/z_loss_layer_1"} <= tags, tags
+    written = [e.value for e in acc.Scalars("load_balancing_loss")]
+    np.testing.assert_allclose(written, [s["load_balancing_loss"] for s in run["moe_losses"]], rtol=1e-6)

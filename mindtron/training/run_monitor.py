@@ -117,6 +117,14 @@ class RunMonitor:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, iteration)
             self.writer.add_scalar(tag + " vs samples", value, samples)
+        moe = getattr(result, "moe", None)
+        if moe is not None:  # Megatron's MoE tracker: each loss's mean over MoE layers, per layer on request
+            for name, value in moe.losses.items():
+                self.writer.add_scalar(name, value, iteration)
+            if self.config.model_config.moe_config.moe_per_layer_logging:
+                for name, values in moe.per_layer.items():
+                    for layer, value in enumerate(values):
+                        self.writer.add_scalar(f"moe/{name}_layer_{layer}", value, iteration)
 
     def report_memory(self, name: str) -> None:
         """Megatron's memory line, printed by the first data-parallel rank of each model-parallel group."""
