@@ -26,7 +26,8 @@ from mindtron.convert import names_core, names_dist
 from mindtron.convert.dcp_reader import METADATA_FILE, DcpCheckpoint
 from mindtron.convert.model_state import FullCheckpoint, observe_shapes, validate
 from mindtron.convert.qkv_order import check_version
-from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.report import ConversionReport
+from mindtron.progress import Progress
 from mindtron.convert.safe_pickle import CheckpointFormatError
 from mindtron.convert.spec import megatron_args_dict, spec_from_megatron_args
 from mindtron.convert.torch_reader import load_torch_file
@@ -164,7 +165,7 @@ def read_megatron_dist_checkpoint(directory: Path, number: int, release: bool, l
     pp = int(args.get("pipeline_model_parallel_size") or 1)
     vpp = args.get("virtual_pipeline_model_parallel_size")
     report.source_layout = (tp, pp, int(vpp) if vpp else 1)
-    progress = Progress(len(keys), "reading", show_progress)
+    progress = Progress(len(keys), "reading", show_progress, unit="tensors")
     full: Dict[str, np.ndarray] = {}
     for key, tensor in read_model_tensors(ckpt, keys, progress).items():
         full[names_core.canonical_name(key, tied=False)] = tensor

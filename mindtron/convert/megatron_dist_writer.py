@@ -27,7 +27,8 @@ from mindtron.convert.megatron_dist import COMMON_KEY, CONFIG_FILE, FORMAT
 from mindtron.convert.megatron_writer import CHECKPOINT_VERSION, megatron_args
 from mindtron.convert.mindtron_format import replace_iteration_dir, target_tensors, write_tracker
 from mindtron.convert.model_state import FullCheckpoint
-from mindtron.convert.report import ConversionReport, Progress
+from mindtron.convert.report import ConversionReport
+from mindtron.progress import Progress
 from mindtron.convert.shards import check_target_layout
 from mindtron.convert.torch_reader import torch_available
 
