@@ -197,3 +197,35 @@ def test_per_layer_patterns():
     assert cfg.window_attn_skip_freq == [1, 1, 1, 0] and cfg.layer_window(4) is None and cfg.layer_window(1) == (2, 0)
     listed = TransformerConfig(**COMMON, window_size=(2, 0), window_attn_skip_freq=[0, 1, 0, 1])
     assert [listed.layer_window(i) for i in range(1, 5)] == [None, (2, 0), None, (2, 0)]
+
+
+def test_pipeline_layer_placement_follows_megatron_core():
+    from mindtron.legacy_model.pipeline_layout import layout_virtual_size, pipeline_layer_counts
+    from mindtron.legacy_model import stage_layer_range
+
+    # --decoder-first/last-pipeline-num-layers: the middle stages split the rest evenly
+    assert pipeline_layer_counts(10, 4, first_stage_layers=1, last_stage_layers=3) == [[1, 3, 3, 3]]
+    assert pipeline_layer_counts(9, 3, first_stage_layers=1) == [[1, 4, 4]]
+    # ... with virtual stages each rank's share is split over its chunks
+    assert pipeline_layer_counts(16, 4, 2, first_stage_layers=2, last_stage_layers=2) == [[1, 3, 3, 1]] * 2
+    # Megatron's offsets for that case: chunk v of rank r starts at 8 v + (0, 1, 4, 7)[r]
+    assert [stage_layer_range(16, 4, r, 2, v, first_stage_layers=2, last_stage_layers=2)[0]
+            for v in range(2) for r in range(4)] == [0, 1, 4, 7, 8, 9, 12, 15]
+    # --account-for-embedding/loss-in-pipeline-split: they take a layer's place on the first / last piece
+    assert pipeline_layer_counts(6, 4, account_for_embedding=True, account_for_loss=True) == [[1, 2, 2, 1]]
+    assert pipeline_layer_counts(14, 4, 2, account_for_embedding=True, account_for_loss=True) == \
+        [[1, 2, 2, 2], [2, 2, 2, 1]]
+    assert stage_layer_range(14, 4, 0, 2, 1, account_for_embedding=True, account_for_loss=True) == (7, 2)
+    # --pipeline-model-parallel-layout: stage i is virtual stage i // pp of rank i % pp
+    layout = "Et|(tt|)*2,tL"
+    assert layout_virtual_size(layout, 2) == 2 and layout_virtual_size("Ett|ttL", 2) is None
+    assert pipeline_layer_counts(6, 2, 2, layout=layout) == [[1, 2], [2, 1]]
+    assert pipeline_layer_counts(2, 2, layout=[["embedding"], ["decoder", "decoder", "loss"]]) == [[0, 2]]
+    for bad, message in (("tE|ttL", "must open the first stage"), ("Et|tt", "exactly once"),
+                         ("Et|tLm", "multi-token prediction"), ("Et|ttL", "places 3 transformer layers")):
+        with pytest.raises(ValueError, match=message):
+            pipeline_layer_counts(2, 2, layout=bad)
+    with pytest.raises(ValueError, match="middle pipeline stages"):
+        pipeline_layer_counts(10, 4, first_stage_layers=1, last_stage_layers=2)
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        pipeline_layer_counts(6, 4, account_for_embedding=True)
