@@ -53,6 +53,23 @@ def test_evaluation_under_every_layout_gives_the_single_process_validation_loss(
                                            err_msg=layout)
 
 
+def test_per_token_loss_under_dp2_and_pp2_gives_the_single_process_run(training_layouts_2):
+    """--calculate-per-token-loss divides by the tokens of the whole global batch: DP=2 (counts summed over
+    the replicas; gradients summed, not averaged, also when reduce-scattered for the distributed optimizer)
+    and PP=2 (counted on the last stage, shared with the first) give one process's losses and validation
+    losses, which differ from the per-micro-batch mean's."""
+    want = training_checks.train(training_checks.per_token_config())
+    mean = training_checks.train(training_checks.make_config(steps=4, dataset_options={"eod_mask_loss": True}))
+    assert np.abs(np.array(want["loss"]) - mean["loss"]).max() > 1e-4
+    assert [i for i, _ in want["eval"]] == [2, 4]
+    for layout in ("dp2_per_token", "dp2_per_token_distopt", "pp2_per_token"):
+        for rank, result in enumerate(training_layouts_2):
+            if result[layout]["last_stage"]:
+                np.testing.assert_allclose(result[layout]["loss"], want["loss"], rtol=1e-5, err_msg=f"{layout} {rank}")
+                np.testing.assert_allclose([l for _, l in result[layout]["eval"]], [l for _, l in want["eval"]],
+                                           rtol=1e-5, err_msg=layout)
+
+
 def test_pipeline_checkpoints_save_and_resume_per_stage(training_layouts_2):
     """PP=2: stopped after 4 of 8 iterations, saved per stage (mp_rank_00_000 / _001), resumed: the same
     losses and validation losses as the uninterrupted run."""

@@ -232,9 +232,6 @@ class TransformerConfig:
     """Gated attention (--attention-output-gate): query_key_value also produces a gate per query head
     (each group's rows: queries, gates, key, value) and the attention output is multiplied by
     sigmoid(gate) before the dense projection."""
-    apply_residual_connection_post_layernorm: bool = False
-    """Take each residual from the normalised input instead of the raw one (original BERT ordering,
-    --apply-residual-connection-post-layernorm)."""
     glu_linear_offset: float = 0.0
     """Gated MLPs compute act(gate) * (up + offset) (--glu-linear-offset)."""
     activation_func_clamp_value: Optional[float] = None

@@ -25,7 +25,8 @@ from mindtron.training import megatron_flags as mf
 from mindtron.training.config import AllConfig, DatasetConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 
 __all__ = [
-    "CONFIG_MAP", "NOT_IMPLEMENTED", "NotImplementedFlagWarning", "parse_args", "validate_args", "load_yaml_config",
+    "CONFIG_MAP", "NOT_IMPLEMENTED", "REFUSED_FLAGS", "MODEL_FLAGS_ACTED_ON", "NotImplementedFlagWarning", "parse_args",
+    "validate_args", "load_yaml_config",
     "init_configs_from_args", "set_args", "get_args", "build_parser",
 ]
 
@@ -215,6 +216,48 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("recompute", "parallel_config.recompute"),
     ("select_recompute", "parallel_config.select_recompute"),
     ("select_comm_recompute", "parallel_config.select_comm_recompute"),
+    # --- issue 14: core_r0.19.0 flags that change the model maths or the optimizer (dests as in the tsv) ---
+    # norms and attention
+    ("layernorm_zero_centered_gamma", "model_config.layernorm_zero_centered_gamma"),  # --apply-layernorm-1p
+    ("qk_layernorm", "model_config.qk_layernorm"),
+    ("qk_l2_norm", "model_config.qk_l2_norm"),
+    ("window_size", "model_config.window_size"),
+    ("window_attn_skip_freq", "model_config.window_attn_skip_freq"),
+    ("softmax_type", "model_config.softmax_type"),
+    ("attention_output_gate", "model_config.attention_output_gate"),
+    # rotary embeddings (YaRN's values left unset keep Megatron's defaults, see _model_option_values)
+    ("rotary_interleaved", "model_config.rotary_interleaved"),
+    ("rotary_seq_len_interpolation_factor", "model_config.rotary_seq_len_interpolation_factor"),
+    ("use_rope_scaling", "model_config.use_rope_scaling"),
+    ("rope_scaling_factor", "model_config.rope_scaling_factor"),
+    ("no_rope_freq", "model_config.no_rope_freq"),
+    ("rotary_scaling_factor", "model_config.yarn_rotary_scaling_factor"),
+    ("yarn_original_max_position_embeddings", "model_config.yarn_original_max_position_embeddings"),
+    ("yarn_beta_fast", "model_config.yarn_beta_fast"),
+    ("yarn_beta_slow", "model_config.yarn_beta_slow"),
+    ("mscale", "model_config.yarn_mscale"),
+    ("mscale_all_dim", "model_config.yarn_mscale_all_dim"),
+    ("yarn_correction_range_round_to_int", "model_config.yarn_correction_range_round_to_int"),
+    # MLP (--quick-geglu selects hidden_act "quick_geglu" in _validate_model)
+    ("quick_geglu", "model_config.hidden_act"),
+    ("glu_linear_offset", "model_config.glu_linear_offset"),
+    ("activation_func_clamp_value", "model_config.activation_func_clamp_value"),
+    ("bias_swiglu_fusion", "model_config.bias_swiglu_fusion"),
+    # initialisation and loss
+    ("init_method_xavier_uniform", "model_config.init_method_xavier_uniform"),
+    ("embedding_init_method_std", "model_config.embedding_init_method_std"),
+    ("calculate_per_token_loss", "model_config.calculate_per_token_loss"),
+    # layers per pipeline stage
+    ("decoder_first_pipeline_num_layers", "model_config.num_layers_in_first_pipeline_stage"),
+    ("decoder_last_pipeline_num_layers", "model_config.num_layers_in_last_pipeline_stage"),
+    ("account_for_embedding_in_pipeline_split", "model_config.account_for_embedding_in_pipeline_split"),
+    ("account_for_loss_in_pipeline_split", "model_config.account_for_loss_in_pipeline_split"),
+    ("pipeline_model_parallel_layout", "model_config.pipeline_model_parallel_layout"),
+    # optimizer
+    ("decoupled_lr", "optimizer_config.decoupled_lr"),
+    ("decoupled_min_lr", "optimizer_config.decoupled_min_lr"),
+    ("apply_wd_to_qk_layernorm", "optimizer_config.apply_wd_to_qk_layernorm"),
+    # --- end of issue 14 rows ---
 )
 
 # Flags with no config field that this module itself acts on (derived values, deprecations, aliases) or
@@ -228,17 +271,75 @@ ARGUMENT_LAYER_DESTS = frozenset({
 })
 
 # ---------------------------------------------------------------------------------------------------------
+# Issue 14: the policy for core_r0.19.0's model / optimizer flags without a config field (one block).
+# MODEL_FLAGS_ACTED_ON are read here; REFUSED_FLAGS are errors when set, with the reason (what cannot be
+# done here); flags with no effect on the maths stay in NOT_IMPLEMENTED (one warning), see README.
+# ---------------------------------------------------------------------------------------------------------
+MODEL_FLAGS_ACTED_ON = frozenset({
+    "no_weight_decay_cond_type",  # "apply_wd_to_qk_layernorm" sets --apply-wd-to-qk-layernorm, as Megatron
+    "use_cpu_initialization",  # mindtron always initialises this way (layout-independent full tensors)
+    "data_parallel_random_init",  # nothing to change without dropout; refused with dropout (below)
+})
+
+_FP8 = "FP8/FP4 training needs Transformer Engine's low-precision kernels, which MindSpore does not have"
+_OPT_PRECISION = ("the optimizer keeps fp32 gradients, main parameters and moments; lower-precision optimizer "
+                  "state (Megatron's precision-aware optimizer) is not implemented")
+_NOT_GPT = "mindtron builds Megatron's GPT (attention + MLP layers) only"
+
+
+def _set(value) -> bool:
+    return value not in (None, False, 0, 0.0, "", [], ())
+
+
+# dest -> (is the value refused?, why); the flag's name comes from the table.
+REFUSED_FLAGS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "fp8": (_set, _FP8),
+    "fp4": (_set, _FP8),
+    "multi_latent_attention": (_set, "multi-latent attention (DeepSeek's MLA: low-rank query/key-value "
+                               "projections with a separate RoPE part) is not implemented"),
+    "mtp_num_layers": (_set, "multi-token prediction layers (MTP) are not implemented"),
+    "position_embedding_type": (lambda v: v in ("mrope", "relative"),
+                                "multimodal RoPE and T5's relative position buckets are not implemented; use "
+                                "learned_absolute, rope, yarn or none"),
+    "rope_type": (lambda v: v == "yarn", "Megatron takes --rope-type yarn only with multi-latent attention "
+                  "(not implemented); use --position-embedding-type yarn for YaRN"),
+    "experimental_attention_variant": (_set, "gated delta net and DeepSeek sparse attention are not implemented"),
+    "linear_attention_freq": (_set, "linear-attention layers (gated delta net) are not implemented"),
+    "hybrid_layer_pattern": (_set, "Mamba/hybrid models are not implemented; " + _NOT_GPT),
+    "hybrid_override_pattern": (_set, "Mamba/hybrid models are not implemented; " + _NOT_GPT),
+    "hybrid_attention_ratio": (_set, "Mamba/hybrid models are not implemented; " + _NOT_GPT),
+    "hybrid_mlp_ratio": (_set, "Mamba/hybrid models are not implemented; " + _NOT_GPT),
+    "is_hybrid_model": (_set, "Mamba/hybrid models are not implemented; " + _NOT_GPT),
+    "spec": (_set, "a Megatron layer-spec module cannot be imported into MindSpore; " + _NOT_GPT),
+    "heterogeneous_layers_config_path": (_set, "per-layer heterogeneous architectures are not implemented"),
+    "heterogeneous_layers_config_encoded_json": (_set, "per-layer heterogeneous architectures are not implemented"),
+    "use_mup": (_set, "maximal-update parameterisation (its width-scaled init, attention and output scales and "
+                "per-parameter learning rates) is not implemented"),
+    "qk_clip": (_set, "QK-clip rescales query/key weights after each Muon step; Muon is not available"),
+    "grad_reduce_in_bf16": (_set, "gradients are accumulated and reduced in fp32 (bf16 reduction is not "
+                            "implemented)"),
+    "use_precision_aware_optimizer": (_set, _OPT_PRECISION),
+    "main_grads_dtype": (lambda v: v not in (None, "fp32"), _OPT_PRECISION),
+    "main_params_dtype": (lambda v: v not in (None, "fp32"), _OPT_PRECISION),
+    "exp_avg_dtype": (lambda v: v not in (None, "fp32"), _OPT_PRECISION),
+    "exp_avg_sq_dtype": (lambda v: v not in (None, "fp32"), _OPT_PRECISION),
+    "freeze_all_layers": (_set, "it freezes every parameter (Megatron uses it to save logits); nothing would train"),
+    "kitchen_config_file": (_set, "NVIDIA kitchen quantization recipes are not available"),
+    "kitchen_recipe_number": (_set, "NVIDIA kitchen quantization recipes are not available"),
+}
+
+# ---------------------------------------------------------------------------------------------------------
 # Megatron flags mindtron accepts but does not implement yet: setting one to a non-default value warns once.
 # Shrink this set as features land (tests/test_arguments.py checks it is exactly "all flags minus CONFIG_MAP
 # minus ARGUMENT_LAYER_DESTS", so a newly mapped flag must be removed here).
 # ---------------------------------------------------------------------------------------------------------
 _NOT_IMPLEMENTED_TEXT = """
     # network size
-    --decoder-num-layers --attention-backend --softmax-type --window-size --window-attn-skip-freq
-    --relative-attention-num-buckets --relative-attention-max-distance --rotary-interleaved
-    --rotary-seq-len-interpolation-factor --use-rope-scaling --rope-scaling-factor --no-rope-freq --mrope-section
-    --apply-layernorm-1p --apply-residual-connection-post-layernorm --quick-geglu --activation-func-clamp-value
-    --glu-linear-offset --onnx-safe --bert-no-binary-head --multi-latent-attention --mtp-num-layers
+    --decoder-num-layers --attention-backend
+    --relative-attention-num-buckets --relative-attention-max-distance
+    --mrope-section
+    --apply-residual-connection-post-layernorm
+    --onnx-safe --bert-no-binary-head
     --mtp-loss-scaling-factor
     # regularization
     --muon-momentum --muon-no-split-qkv --muon-use-nesterov --muon-scale-mode --muon-fp32-matmul-prec
@@ -250,10 +351,10 @@ _NOT_IMPLEMENTED_TEXT = """
     --disable-gloo-process-groups --use-pytorch-profiler --profile-ranks --record-memory-history
     --memory-snapshot-path --tp-comm-overlap --tp-comm-overlap-cfg --disable-tp-comm-overlap-ag
     --disable-tp-comm-overlap-rs --tp-comm-overlap-rs-dgrad --disable-tp-comm-bulk-dgrad
-    --disable-tp-comm-bulk-wgrad --tp-comm-bootstrap-backend --use-cpu-initialization --empty-unused-memory-level
-    --deterministic-mode --check-weight-hash-across-dp-replicas-interval --calculate-per-token-loss
-    --train-sync-interval --exit-signal-handler --tensorboard-dir --no-masked-softmax-fusion --no-bias-swiglu-fusion
-    --use-fused-weighted-squared-relu --no-bias-dropout-fusion --rope-type --cross-entropy-loss-fusion
+    --disable-tp-comm-bulk-wgrad --tp-comm-bootstrap-backend --empty-unused-memory-level
+    --deterministic-mode --check-weight-hash-across-dp-replicas-interval
+    --train-sync-interval --exit-signal-handler --tensorboard-dir --no-masked-softmax-fusion
+    --use-fused-weighted-squared-relu --no-bias-dropout-fusion --cross-entropy-loss-fusion
     --cross-entropy-fusion-impl --optimizer-cpu-offload --optimizer-offload-fraction
     --use-torch-optimizer-for-cpu-offload --overlap-cpu-optimizer-d2h-h2d --dump-param-to-param-group-map
     --no-pin-cpu-grads --no-pin-cpu-params --dataloader-type --no-persist-layer-norm
@@ -271,9 +372,7 @@ _NOT_IMPLEMENTED_TEXT = """
     --rl-calculate-intra-group-similarity --rl-use-sequence-packing --rl-sequence-packing-bin-size
     --rl-sequence-packing-algo
     # initialization
-    --data-parallel-random-init --embedding-init-method-std --init-method-xavier-uniform
     # learning rate
-    --decoupled-lr --decoupled-min-lr
     # checkpointing
     --save-retain-interval --load-main-params-from-ckpt --no-strict-fsdp-dtensor-load --non-persistent-save-interval
     --non-persistent-ckpt-type --non-persistent-global-ckpt-dir --non-persistent-local-ckpt-dir
@@ -285,17 +384,16 @@ _NOT_IMPLEMENTED_TEXT = """
     --dist-ckpt-save-pre-mcore-014 --dist-ckpt-optim-fully-reshardable
     --distrib-optim-fully-reshardable-mem-efficient
     # mixed precision
-    --grad-reduce-in-bf16 --disable-bf16-reduced-precision-matmul --reuse-grad-buf-for-mxfp8-param-ag
+    --disable-bf16-reduced-precision-matmul --reuse-grad-buf-for-mxfp8-param-ag
     # distributed
-    --decoder-first-pipeline-num-layers --decoder-last-pipeline-num-layers --pipeline-model-parallel-layout
     --microbatch-group-size-per-virtual-pipeline-stage --no-overlap-p2p-communication
     --overlap-p2p-communication-warmup-flush --distributed-backend --distributed-timeout-minutes
     --distributed-timeout-seconds-after-init --defer-embedding-wgrad-compute --wgrad-deferral-limit
     --no-align-grad-reduce --ddp-num-buckets --ddp-pad-buckets-for-high-nccl-busbw
     --ddp-reduce-scatter-with-fp32-accumulation --ddp-average-in-collective
     --overlap-param-gather-with-optimizer-step --no-align-param-gather --no-scatter-gather-tensors-in-pipeline
-    --use-ring-exchange-p2p --lazy-mpu-init --account-for-embedding-in-pipeline-split
-    --account-for-loss-in-pipeline-split --use-nccl-ub --disable-symmetric-registration --use-sharp
+    --use-ring-exchange-p2p --lazy-mpu-init
+    --use-nccl-ub --disable-symmetric-registration --use-sharp
     --sharp-enabled-group --use-megatron-fsdp --init-model-with-meta-device --data-parallel-sharding-strategy
     --no-gradient-reduce-div-fusion --fsdp-double-buffer --suggested-communication-unit-size
     --keep-fp8-transpose-cache --enable-full-sharding-in-hsdp --num-distributed-optimizer-instances
@@ -323,7 +421,7 @@ _NOT_IMPLEMENTED_TEXT = """
     --no-data-sharding --head-lr-mult --vision-pretraining --vision-pretraining-type --vision-backbone-type
     --swin-backbone-type --mask-type --mask-factor --iter-per-epoch --dino-local-img-size --dino-local-crops-number
     --dino-head-hidden-size --dino-bottleneck-size --dino-freeze-last-layer --dino-norm-last-layer
-    --dino-warmup-teacher-temp --dino-teacher-temp --dino-warmup-teacher-temp-epochs --qk-layernorm --qk-l2-norm
+    --dino-warmup-teacher-temp --dino-teacher-temp --dino-warmup-teacher-temp-epochs
     # moe
     --expert-tensor-parallel-size --num-experts --moe-layer-freq --moe-ffn-hidden-size
     --moe-shared-expert-intermediate-size --moe-shared-expert-overlap --moe-grouped-gemm
@@ -337,10 +435,9 @@ _NOT_IMPLEMENTED_TEXT = """
     --moe-token-drop-policy --moe-apply-probs-on-input --overlap-moe-expert-parallel-comm --delay-wgrad-compute
     --moe-upcycling-granularity --moe-pad-experts-for-cuda-graph-inference
     # mla
-    --q-lora-rank --kv-lora-rank --qk-head-dim --qk-pos-emb-head-dim --v-head-dim --rotary-scaling-factor --mscale
-    --mscale-all-dim --cache-mla-latents
+    --q-lora-rank --kv-lora-rank --qk-head-dim --qk-pos-emb-head-dim --v-head-dim
+    --cache-mla-latents
     # heterogeneous architecture
-    --heterogeneous-layers-config-path --heterogeneous-layers-config-encoded-json
     # logging
     --log-params-norm --log-num-zeros-in-grad --log-throughput --log-progress --timing-log-level --log-energy
     --no-barrier-with-level-1-timing --timing-log-option --tensorboard-log-interval --tensorboard-queue-size
@@ -363,19 +460,18 @@ _NOT_IMPLEMENTED_TEXT = """
     --inference-dynamic-batching-unified-memory-level --symmetric-ar-type --nccl-all-reduce-for-prefill
     --mlp-chunks-for-prefill --disable-chunked-prefill --inference-wandb-logging-step-interval
     # Transformer-Engine
-    --fp8-format --fp8-recipe --fp8-quantizer-factory --fp8-margin --fp8-amax-history-len --fp8-amax-compute-algo
+    --fp8-recipe --fp8-quantizer-factory --fp8-margin --fp8-amax-history-len --fp8-amax-compute-algo
     --no-fp8-wgrad --fp8-param-gather --first-last-layers-bf16 --num-layers-at-start-in-bf16
-    --num-layers-at-end-in-bf16 --fp4-format --fp4-recipe --fp4-quantizer-factory --fp4-param-gather
+    --num-layers-at-end-in-bf16 --fp4-recipe --fp4-quantizer-factory --fp4-param-gather
     --te-rng-tracker --inference-rng-tracker
     # retro
     --retro-project-dir --retro-add-retriever --retro-cyclic-train-iters --retro-encoder-layers
     --retro-encoder-hidden-dropout --retro-encoder-attention-dropout --retro-num-neighbors
     --retro-num-retrieved-chunks --retro-attention-gate --retro-no-verify-neighbor-count
     # experimental
-    --enable-experimental --spec --hybrid-attention-ratio --hybrid-mlp-ratio --hybrid-override-pattern
-    --mamba-state-dim --mamba-head-dim --mamba-num-groups --mamba-num-heads --is-hybrid-model
-    --disable-mamba-mem-eff-path --use-precision-aware-optimizer --main-grads-dtype --main-params-dtype
-    --exp-avg-dtype --exp-avg-sq-dtype
+    --enable-experimental
+    --mamba-state-dim --mamba-head-dim --mamba-num-groups --mamba-num-heads
+    --disable-mamba-mem-eff-path
     # one logger
     --no-one-logger --one-logger-project --one-logger-run-name --one-logger-async --app-tag-run-name
     --app-tag-run-version
@@ -394,7 +490,6 @@ _NOT_IMPLEMENTED_TEXT = """
     # msc
     --disable-msc
     # kitchen
-    --kitchen-config-file --kitchen-recipe-number
     # sft
     --sft --sft-tokenizer-prompt-format
     # mindtron: training (documents 000-002)
@@ -781,6 +876,7 @@ def validate_args(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] =
         _need(args.seq_length % (2 * cp) == 0, f"--seq-length {args.seq_length} must be a multiple of 2 x "
               f"--context-parallel-size ({2 * cp}) when --context-parallel-size > 1")
 
+    _validate_model_options(args, user)
     _validate_pipeline(args, user)
     _validate_model(args, user)
     _validate_precision(args, user)
@@ -845,6 +941,13 @@ def _validate_pipeline(args: argparse.Namespace, user: set) -> None:
             _need(explicit_vpp == vpp, f"--virtual-pipeline-model-parallel-size {explicit_vpp} disagrees with "
                   f"--num-layers {args.num_layers} / --pipeline-model-parallel-size {pp} / "
                   f"--num-layers-per-virtual-pipeline-stage {per_layer_chunk} = {vpp}; give only one")
+    elif args.pipeline_model_parallel_layout is not None:  # the layout's stage count fixes the virtual stages
+        from mindtron.legacy_model.pipeline_layout import layout_virtual_size
+
+        vpp = layout_virtual_size(args.pipeline_model_parallel_layout, pp)
+        if explicit_vpp is not None:
+            _need(explicit_vpp == (vpp or 1), f"--virtual-pipeline-model-parallel-size {explicit_vpp} disagrees with "
+                  f"the {vpp or 1} virtual stages per pipeline rank of --pipeline-model-parallel-layout")
     elif args.num_virtual_stages_per_pipeline_rank is not None:
         vpp = args.num_virtual_stages_per_pipeline_rank
         if explicit_vpp is not None:
@@ -894,13 +997,15 @@ def _validate_model(args: argparse.Namespace, user: set) -> None:
     tp = args.tensor_model_parallel_size
     # Activation: --hidden-act, or Megatron's switches.
     _need(not (args.swiglu and args.squared_relu), "--swiglu and --squared-relu exclude each other")
+    _need(not (args.quick_geglu and (args.swiglu or args.squared_relu)),
+          "--quick-geglu excludes --swiglu and --squared-relu")
     derived = "swiglu" if args.swiglu else "squared_relu" if args.squared_relu else \
-        "gelu_tanh" if args.openai_gelu else "gelu"
+        "quick_geglu" if args.quick_geglu else "gelu_tanh" if args.openai_gelu else "gelu"
     if args.hidden_act is None:
         args.hidden_act = derived
     elif derived != "gelu" and args.hidden_act != derived:
         raise ValueError(f"--hidden-act {args.hidden_act} contradicts the activation switch that selects "
-                         f"{derived!r} (--swiglu/--squared-relu/--openai-gelu); give one of them")
+                         f"{derived!r} (--swiglu/--squared-relu/--quick-geglu/--openai-gelu); give one of them")
     if args.ffn_hidden_size is None:
         # Megatron: SwiGLU's two input projections keep the parameter count near 4h, rounded to 64.
         args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64 if args.hidden_act == "swiglu" \
@@ -981,6 +1086,38 @@ def _validate_model(args: argparse.Namespace, user: set) -> None:
         _need(not args.fp16, "expert parallelism is not supported with --fp16; use --bf16")
     if args.apply_query_key_layer_scaling:
         args.attention_softmax_in_fp32 = True
+
+
+def _validate_model_options(args: argparse.Namespace, user: set) -> None:
+    """Issue 14: refuse what cannot be done here (REFUSED_FLAGS), derive what Megatron derives."""
+    for dest, (refused, reason) in REFUSED_FLAGS.items():
+        value = getattr(args, dest, None)
+        if refused(value):
+            shown = "" if value is True else f" {value}"
+            raise ValueError(f"{_flag_label(dest)}{shown} is not available in mindtron: {reason}. Remove it from the "
+                             "command line (or the --yaml-cfg file)")
+    if getattr(args, "no_weight_decay_cond_type", None) == "apply_wd_to_qk_layernorm":
+        args.apply_wd_to_qk_layernorm = True
+    if args.data_parallel_random_init and (args.hidden_dropout > 0 or args.attention_dropout > 0):
+        # Megatron seeds each data-parallel rank differently and broadcasts rank 0's weights: only the
+        # dropout masks change. mindtron's masks come from one stream per tensor-parallel rank.
+        raise ValueError("--data-parallel-random-init with dropout is not available in mindtron: it would draw "
+                         "different dropout masks on each data-parallel rank (the weights are the same anyway, "
+                         "initialised from --seed and each parameter's name); drop the flag or set "
+                         "--hidden-dropout 0 --attention-dropout 0")
+    if args.swiglu and args.bias_swiglu_fusion and args.activation_func_clamp_value is not None:
+        _warn_once("--activation-func-clamp-value", "--activation-func-clamp-value has no effect with --swiglu and "
+                   "the fused bias-SwiGLU (Megatron's default): pass --no-bias-swiglu-fusion to clamp")
+
+
+def _model_option_values(args: argparse.Namespace, kw: Dict[str, Any]) -> None:
+    """Issue 14: model_config values that are not plain copies of a flag (updates `kw` in place)."""
+    for field in ("yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+                  "yarn_correction_range_round_to_int"):
+        if kw.get(field) is None:  # Megatron's defaults (4096, 32, 1, True) apply when the flag is left out
+            kw.pop(field, None)
+    if kw.get("window_size") is not None:
+        kw["window_size"] = tuple(kw["window_size"])
 
 
 def _validate_precision(args: argparse.Namespace, user: set) -> None:
@@ -1150,6 +1287,7 @@ def _model_config(args: argparse.Namespace) -> TransformerConfig:
         apply_rope_fusion=bool(args.apply_rope_fusion or args.use_fused_rope),
         embedding_init_dtype=args.embedding_dtype,
     )
+    _model_option_values(args, kw)
     return TransformerConfig(**kw)
 
 

@@ -189,11 +189,17 @@ _NETWORK_SIZE = [
     on("--group-query-attention"),
     val("--num-query-groups", int, 1),
     val("--softmax-type", str, "vanilla", choices=("learnable", "vanilla", "off-by-one")),
+    on("--attention-output-gate"),  # core_r0.19.0's "transformer configuration" group (issue 14)
     val("--window-size", int_tuple),
     val("--window-attn-skip-freq", layer_freq),
     val("--max-position-embeddings", int),
     val("--position-embedding-type", str, "learned_absolute",
-        choices=("learned_absolute", "rope", "mrope", "relative", "none")),
+        choices=("learned_absolute", "rope", "yarn", "mrope", "relative", "none")),
+    # core_r0.19.0's YaRN rows (issue 14; the table rebuild from the tsv supersedes)
+    val("--yarn-original-max-position-embeddings", int),
+    val("--yarn-beta-fast", float),
+    val("--yarn-beta-slow", float),
+    both("--yarn-correction-range-round-to-int", default=None, dest="yarn_correction_range_round_to_int"),
     val("--relative-attention-num-buckets", int, 32),
     val("--relative-attention-max-distance", int, 128),
     on("--use-rotary-position-embeddings"),
@@ -209,7 +215,7 @@ _NETWORK_SIZE = [
     val("--make-vocab-size-divisible-by", int, 128),
     val("--normalization", str, "LayerNorm", choices=("LayerNorm", "RMSNorm")),
     val("--norm-epsilon", float, 1e-5),
-    on("--apply-layernorm-1p"),
+    on("--apply-layernorm-1p", dest="layernorm_zero_centered_gamma"),  # core_r0.19.0's dest
     on("--apply-residual-connection-post-layernorm"),
     on("--openai-gelu"),
     on("--squared-relu"),
@@ -386,6 +392,9 @@ _REGULARIZATION = [
     val("--muon-num-ns-steps", int, 5),
     val("--muon-tp-mode", str, "blockwise", choices=("blockwise", "duplicated", "distributed")),
     val("--muon-extra-scale-factor", float, 1.0),
+    # core_r0.19.0 rows the table above lacks (issue 14 model flags; the table rebuild from the tsv supersedes)
+    on("--apply-wd-to-qk-layernorm"),
+    val("--no-weight-decay-cond-type", str, choices=("apply_wd_to_qk_layernorm",)),
 ]
 
 _RL = [
@@ -929,7 +938,7 @@ _MINDTRON_MODEL = [
     on("--use-fused-swiglu"),
     on("--use-fused-rope"),
     on("--use-fused-rmsnorm"),
-    val("--hidden-act", str, choices=("gelu", "gelu_tanh", "swiglu", "squared_relu", "silu")),
+    val("--hidden-act", str, choices=("gelu", "gelu_tanh", "swiglu", "squared_relu", "silu", "quick_geglu")),
 ]
 
 _MINDTRON_TRAINING = [

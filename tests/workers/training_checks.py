@@ -15,7 +15,7 @@ SEED, SEQ, VOCAB = 2024, 16, 128
 
 
 def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, overlap_param_gather=False,
-                model_options=None, **training) -> AllConfig:
+                model_options=None, dataset_options=None, **training) -> AllConfig:
     model = TransformerConfig(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4, num_attention_heads=4,
                               attention_dropout_rate=0.0, hidden_dropout_rate=0.0, sequence_parallel=sp,
                               normalization="RMSNorm", hidden_act="swiglu", ffn_hidden_size=64,
@@ -26,7 +26,7 @@ def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, o
                                           "global_batch_size": 8, "log_interval": 5, "eval_interval": 5,
                                           "eval_iters": 2,
                                           **training}),
-        dataset_config=DatasetConfig(seq_length=SEQ),
+        dataset_config=DatasetConfig(seq_length=SEQ, **(dataset_options or {})),
         optimizer_config=OptimizerConfig(learning_rate=3e-3, min_lr=3e-4, lr_decay_style="cosine",
                                          lr_warmup_iters=2, clip_grad=1.0, weight_decay=0.01,
                                          overlap_param_gather=overlap_param_gather),
@@ -66,14 +66,25 @@ def trainer_named(trainer) -> dict:
 
 
 def layouts(steps: int = 10) -> dict:
-    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2; and a
-    PP=2 run stopped, saved per stage and resumed."""
+    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2; a
+    PP=2 run stopped, saved per stage and resumed; DP=2 (also with the distributed optimizer) and PP=2 with
+    the per-token loss."""
     return {"dp2": train(make_config(steps=steps)),
             "tp2": train(make_config(tp=2, steps=steps)),
             "tp2_sp": train(make_config(tp=2, sp=True, steps=steps)),
             "pp2": train(make_config(pp=2, steps=steps)),
             "pp2_vpp2": train(make_config(pp=2, vpp=2, steps=steps)),
-            "pp2_resume": resume(steps=8, save_at=4, pp=2)}
+            "pp2_resume": resume(steps=8, save_at=4, pp=2),
+            "dp2_per_token": train(per_token_config()),
+            "dp2_per_token_distopt": train(per_token_config(use_distributed_optimizer=True)),
+            "pp2_per_token": train(per_token_config(pp=2))}
+
+
+def per_token_config(**layout) -> AllConfig:
+    """--calculate-per-token-loss with EOD tokens left out of the loss (--eod-mask-loss), so micro-batches
+    count different numbers of tokens."""
+    return make_config(steps=4, eval_interval=2, model_options={"calculate_per_token_loss": True},
+                       dataset_options={"eod_mask_loss": True}, **layout)
 
 
 def layouts_3(steps: int = 10) -> dict:

@@ -97,6 +97,7 @@ class GradBufferConfig:
     shard: bool = False                        # --use-distributed-optimizer: reduce-scatter
     check_for_nan: bool = False                # --check-for-nan-in-loss-and-grad
     pad_to: int = 1                            # enable_mem_align: bucket sizes rounded up to this many elements
+    average: bool = True                       # mean over the reduction group; False sums (per-token loss)
 
 
 class GradBuffer:
@@ -219,11 +220,14 @@ class GradBuffer:
         elif b.kind == "embedding" and ps.is_rank_in_embedding_group(ignore_virtual=True):
             data = comm.all_reduce(data, ps.get_embedding_group())
         size = b.group.size
+        divide = size > 1 and self.config.average
         if self.config.shard:
-            b.shard = comm.reduce_scatter(data, b.group) / size if size > 1 else data
+            b.shard = comm.reduce_scatter(data, b.group) if size > 1 else data
+            b.shard = b.shard / size if divide else b.shard
             b.data = None
         else:
-            b.data = comm.all_reduce(data, b.group) / size if size > 1 else data
+            b.data = comm.all_reduce(data, b.group) if size > 1 else data
+            b.data = b.data / size if divide else b.data
         b.reduced = True
 
     def _check_finite(self, b: Bucket) -> None:
