@@ -18,6 +18,7 @@ off-by-one / learnable) and a sigmoid output gate per query head (attention_outp
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from typing import Optional
 
@@ -33,6 +34,8 @@ from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.utils import divide, expand_last
 
 MASKED_SCORE = -10000.0
+logger = logging.getLogger("mindtron")
+_noticed: set = set()  # one-time notices
 
 
 class AttnMaskType(enum.Enum):
@@ -226,6 +229,10 @@ class ParallelAttention(nn.Cell):
         else:
             self.q_layernorm = self.k_layernorm = None
         # MindSpore's flash-attention kernel has no softmax offset: such layers take the plain path
+        if config.use_flash_attention and config.softmax_type != "vanilla" and "softmax" not in _noticed:
+            _noticed.add("softmax")
+            logger.warning("--use-flash-attn with --softmax-type %s: the flash-attention kernel has no softmax "
+                           "offset, attention runs on plain ops", config.softmax_type)
         self.use_flash = use_fused("flash_attention", config.use_flash_attention and config.softmax_type == "vanilla")
         self.core_attention = (FlashAttention(config, self.heads_l, layer_number) if self.use_flash
                                else CoreAttention(config, layer_number, attn_mask_type))

@@ -65,15 +65,16 @@ def tensor_parallel_checks(name: str) -> dict:
     return out
 
 
-def pipeline_checks(name: str, tag: str = "pp2", first_stage_layers: int = 1, **placement) -> dict:
+def pipeline_checks(name: str, tag: str = "pp2", first_stage_layers: int = 1, model=None, **placement) -> dict:
     """Stage 0 (embedding + its layers) hands its output to stage 1 (the other layers + head): same loss.
     `placement` are TransformerConfig's pipeline layout options (first/last stage layers, embedding/loss
-    accounting, an explicit layout); `first_stage_layers` is what stage 0 must then hold."""
+    accounting, an explicit layout); `first_stage_layers` is what stage 0 must then hold. `model` overrides
+    the named config for both runs."""
     ps.initialize_model_parallel()
-    ref_loss, _, _ = run(make_config(name))
+    ref_loss, _, _ = run(make_config(name, **(model or {})))
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(pipeline_model_parallel_size=2)
-    cfg = make_config(name, **placement)
+    cfg = make_config(name, **(model or {}), **placement)
     tp.model_parallel_seed(SEED)
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = GPTModel(cfg, pre_process=first, post_process=last)
@@ -104,8 +105,8 @@ def main() -> dict:
     for name in ("gpt2", "llama"):
         results.update(pipeline_checks(name))
     # Megatron-Core's placements: an explicit layout with an embedding-only first stage, the loss counted
-    # as a layer (3 layers -> 2 + 1), a fixed first-stage share
+    # as a layer (3 layers -> 2 + 1), a fixed first-stage share (4 layers -> 1 + 3)
     results.update(pipeline_checks("llama", "pp2_layout", 0, pipeline_model_parallel_layout="E|ttL"))
     results.update(pipeline_checks("options", "pp2_account_loss", 2, account_for_loss_in_pipeline_split=True))
-    results.update(pipeline_checks("qwen", "pp2_first1", 1, num_layers_in_first_pipeline_stage=1))
+    results.update(pipeline_checks("qwen", "pp2_first1", 1, dict(num_layers=4), num_layers_in_first_pipeline_stage=1))
     return results
