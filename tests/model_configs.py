@@ -35,9 +35,9 @@ CONFIGS = {
     # initialisation with a separate embedding std, unfused SwiGLU with clamp and offset, LayerNorm-1p
     # with sandwich norms, a window on every layer.
     "options2": dict(num_attention_heads=4, qk_l2_norm=True, position_embedding_type="rope", rotary_percent=0.5,
-                     rotary_seq_len_interpolation_factor=2.0, softmax_type="off-by-one", init_method_xavier_uniform=True,
-                     embedding_init_method_std=0.5, hidden_act="swiglu", bias_swiglu_fusion=False,
-                     activation_func_clamp_value=0.05, glu_linear_offset=0.5, ffn_hidden_size=48,
+                     rotary_seq_len_interpolation_factor=2.0, softmax_type="off-by-one",
+                     init_method_xavier_uniform=True, embedding_init_method_std=0.5, hidden_act="swiglu",
+                     bias_swiglu_fusion=False, activation_func_clamp_value=0.05, glu_linear_offset=0.5, ffn_hidden_size=48,
                      layernorm_zero_centered_gamma=True, use_sandwich_norm=True, attn_post_norm_scale=0.5,
                      window_size=(5, -1)),
 }

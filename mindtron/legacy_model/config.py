@@ -60,7 +60,8 @@ def _layer_pattern(value, num_layers: int, flag: str, skip_every: bool) -> Optio
         return [int(m) if skip_every else int(not m) for m in marked]
     pattern = [int(v) for v in value]
     if len(pattern) != num_layers or any(v not in (0, 1) for v in pattern):
-        raise ValueError(f"{flag} list must have one 0/1 entry per layer (--num-layers {num_layers}), got {list(value)}")
+        raise ValueError(f"{flag} list must have one 0/1 entry per layer (--num-layers {num_layers}), "
+                         f"got {list(value)}")
     return pattern
 
 

@@ -1,7 +1,8 @@
 """The feed-forward block: dense_h_to_4h (column parallel) -> activation -> dense_4h_to_h (row parallel).
 
-With a gated activation (SwiGLU, quick-GeGLU), dense_h_to_4h is [gate; up] of width 2 ffn, and each tensor-parallel shard holds its own
-[gate_r; up_r] (stride 2), so the activation runs on the local shard without communication.
+With a gated activation (SwiGLU, quick-GeGLU), dense_h_to_4h is [gate; up] of width 2 ffn, and each
+tensor-parallel shard holds its own [gate_r; up_r] (stride 2), so the activation runs on the local shard
+without communication.
 """
 from __future__ import annotations
 

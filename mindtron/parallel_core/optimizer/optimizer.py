@@ -184,7 +184,8 @@ def get_megatron_optimizer(config: OptimizerConfig, params: Sequence[Parameter],
     --decoupled-lr groups of the embedding and output layer).
 
     `lr` overrides `config.learning_rate` (the scheduler sets it every step anyway); `no_decay` overrides the
-    no-weight-decay rule (default: Megatron's, with `config.apply_wd_to_qk_layernorm`). Step it with `optimizer(grads)`, a tuple of gradients aligned with `params`.
+    no-weight-decay rule (default: Megatron's, with `config.apply_wd_to_qk_layernorm`). Step it with
+    `optimizer(grads)`, a tuple of gradients aligned with `params`.
     """
     params = list(params)
     if not params:
