@@ -70,6 +70,7 @@ MAPPED = [
      {"optimizer_config.decoupled_lr": 1e-4, "optimizer_config.decoupled_min_lr": 1e-5}),
     (["--apply-wd-to-qk-layernorm"], {"optimizer_config.apply_wd_to_qk_layernorm": True}),
     (["--no-weight-decay-cond-type", "apply_wd_to_qk_layernorm"], {"optimizer_config.apply_wd_to_qk_layernorm": True}),
+    (["--iterations-to-skip", "3", "5"], {"training_config.iterations_to_skip": [3, 5]}),
 ]
 
 

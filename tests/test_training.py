@@ -70,6 +70,25 @@ def test_per_token_loss_under_dp2_and_pp2_gives_the_single_process_run(training_
                                            rtol=1e-5, err_msg=layout)
 
 
+def test_iterations_to_skip_drop_their_batches_without_a_step():
+    """--iterations-to-skip 2: iteration 2's micro-batches are read and dropped, no update and no schedule
+    step; iterations 1, 3, 4 then equal a 3-iteration run on the data without that batch."""
+    from mock_data import MockGPTDataset
+
+    data = MockGPTDataset(32, training_checks.SEQ, training_checks.VOCAB, seed=5)
+    micro = [{"text": np.stack([data[2 * k]["text"], data[2 * k + 1]["text"]])} for k in range(16)]
+
+    def run(batches, steps, skip=()):
+        config = training_checks.make_config(steps=steps, eval_interval=None, iterations_to_skip=list(skip))
+        config.optimizer_config.lr_decay_style, config.optimizer_config.lr_warmup_iters = "constant", 0
+        return training_checks.train_on(config, batches)
+
+    skipped = run(micro, 4, skip=[2])
+    plain = run(micro[:4] + micro[8:], 3)  # 4 micro-batches per iteration: without iteration 2's
+    assert len(skipped["loss"]) == 3
+    np.testing.assert_array_equal(skipped["loss"], plain["loss"])
+
+
 def test_pipeline_checkpoints_save_and_resume_per_stage(training_layouts_2):
     """PP=2: stopped after 4 of 8 iterations, saved per stage (mp_rank_00_000 / _001), resumed: the same
     losses and validation losses as the uninterrupted run."""

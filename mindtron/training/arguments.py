@@ -257,6 +257,8 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("decoupled_lr", "optimizer_config.decoupled_lr"),
     ("decoupled_min_lr", "optimizer_config.decoupled_min_lr"),
     ("apply_wd_to_qk_layernorm", "optimizer_config.apply_wd_to_qk_layernorm"),
+    # training loop
+    ("iterations_to_skip", "training_config.iterations_to_skip"),
     # --- end of issue 14 rows ---
 )
 
@@ -347,7 +349,7 @@ _NOT_IMPLEMENTED_TEXT = """
     # training
     --rampup-batch-size --decrease-batch-size-if-needed --check-for-spiky-loss
     --check-for-large-grads --distribute-saved-activations --recompute-modules --cpu-offloading-num-layers
-    --no-clone-scatter-output-in-embedding --iterations-to-skip --result-rejected-tracker-filename
+    --no-clone-scatter-output-in-embedding --result-rejected-tracker-filename
     --disable-gloo-process-groups --use-pytorch-profiler --profile-ranks --record-memory-history
     --memory-snapshot-path --tp-comm-overlap --tp-comm-overlap-cfg --disable-tp-comm-overlap-ag
     --disable-tp-comm-overlap-rs --tp-comm-overlap-rs-dgrad --disable-tp-comm-bulk-dgrad

@@ -18,6 +18,9 @@ class TrainingConfig:
 
     seed: int = 1234
     """Global seed for initialisation, data order and dropout (--seed)."""
+    iterations_to_skip: List[int] = field(default_factory=list)
+    """Iterations (1-based) whose global batch is read and dropped without a step (--iterations-to-skip):
+    no update, no learning-rate step, the consumed-sample count still advances, as Megatron does."""
     training_iters: int = 0
     """Iterations to train (--train-iters); derived from train_samples when that is given."""
     train_samples: Optional[int] = None

@@ -442,7 +442,14 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
     start = time.time()
     args_record = dataclasses.asdict(config)
     saved_at = None
+    skip = set(t.iterations_to_skip or ())
     while iteration < t.training_iters:
+        if iteration + 1 in skip:  # Megatron's dummy step: this iteration's micro-batches are read and dropped
+            for _ in range(num_microbatches(config)):
+                next(train_iterator)
+            iteration += 1
+            consumed_samples += gbs
+            continue
         step_start = time.time()
         result = trainer.train_step(train_iterator)
         trainer.history.append(result)

@@ -60,6 +60,18 @@ def train(config: AllConfig, on_finish=None) -> dict:
             "eval": list(trainer.eval_history)}
 
 
+def train_on(config: AllConfig, micro_batches: list) -> dict:
+    """pretrain() on the given micro-batches ({"text": [b, s + 1]} each) instead of a dataset."""
+    def model_provider(pre_process=True, post_process=True):
+        return GPTModel(config.model_config, pre_process=pre_process, post_process=post_process)
+
+    try:
+        trainer = pretrain(model_provider_func=model_provider, all_config=config, train_data_loader=micro_batches)
+    finally:
+        ps.destroy_model_parallel()
+    return {"loss": [r.loss for r in trainer.history]}
+
+
 def trainer_named(trainer) -> dict:
     from mindtron.training.checkpointing import named_parameters
     return named_parameters(trainer.model)
