@@ -16,6 +16,30 @@ CONFIGS = {
                     ffn_post_norm_scale=0.7, position_embedding_type="rope", rotary_percent=0.5,
                     add_bias_linear=False, qkv_has_bias=True, hidden_act="gelu",
                     apply_query_key_layer_scaling=True, num_layers=3),
+    # GPT-OSS style: YaRN, sliding window on every other layer, learnable softmax offsets ("sinks"),
+    # quick-GeGLU with clamp and offset, biases on QKV.
+    "gptoss": dict(num_attention_heads=4, group_query_attention=True, num_query_groups=2, normalization="RMSNorm",
+                   position_embedding_type="yarn", yarn_rotary_scaling_factor=4.0,
+                   yarn_original_max_position_embeddings=8, yarn_mscale=1.0, yarn_mscale_all_dim=0.0,
+                   window_size=(3, 0), window_attn_skip_freq=2, softmax_type="learnable", hidden_act="quick_geglu",
+                   activation_func_clamp_value=0.1, glu_linear_offset=1.0, ffn_hidden_size=48,
+                   add_bias_linear=False, qkv_has_bias=True, untie_embeddings_and_output_weights=True),
+    # Qwen3(-Next) style: QK layer norm, gated attention, zero-centred norm weights, interleaved Llama-3
+    # scaled RoPE skipped on every other layer, SwiGLU.
+    "qwen": dict(num_attention_heads=4, group_query_attention=True, num_query_groups=2, normalization="RMSNorm",
+                 hidden_act="swiglu", ffn_hidden_size=48, position_embedding_type="rope", rotary_base=500000,
+                 rotary_interleaved=True, use_rope_scaling=True, rope_scaling_factor=8.0, no_rope_freq=2,
+                 qk_layernorm=True, attention_output_gate=True, layernorm_zero_centered_gamma=True,
+                 add_bias_linear=False, untie_embeddings_and_output_weights=True),
+    # The remaining options: L2 query/key norm, interpolated partial RoPE, off-by-one softmax, Glorot
+    # initialisation with a separate embedding std, unfused SwiGLU with clamp and offset, LayerNorm-1p
+    # with sandwich norms, a window on every layer.
+    "options2": dict(num_attention_heads=4, qk_l2_norm=True, position_embedding_type="rope", rotary_percent=0.5,
+                     rotary_seq_len_interpolation_factor=2.0, softmax_type="off-by-one",
+                     init_method_xavier_uniform=True, embedding_init_method_std=0.5, hidden_act="swiglu",
+                     bias_swiglu_fusion=False, activation_func_clamp_value=0.05, glu_linear_offset=0.5, ffn_hidden_size=48,
+                     layernorm_zero_centered_gamma=True, use_sandwich_norm=True, attn_post_norm_scale=0.5,
+                     window_size=(5, -1)),
 }
 
 

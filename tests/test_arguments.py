@@ -260,7 +260,8 @@ def test_every_flag_has_a_policy_with_a_reason():
         assert dest in mf.FLAGS_BY_DEST, dest
     # a few decisions the README states
     status = {o: s for o, _, s, _ in P.policy_table()}
-    assert status["--fp8-format"] == status["--mamba-state-dim"] == status["--apply-layernorm-1p"] == P.REFUSED
+    assert status["--fp8-format"] == status["--mamba-state-dim"] == status["--multi-latent-attention"] == P.REFUSED
+    assert status["--apply-layernorm-1p"] == status["--window-size"] == status["--decoupled-lr"] == P.IMPLEMENTED
     assert status["--tp-comm-overlap"] == status["--cuda-graph-impl"] == status["--moe-permute-fusion"] == P.IGNORED
     assert status["--num-experts"] == status["--moe-grouped-gemm"] == P.IMPLEMENTED
     assert status["--moe-latent-size"] == status["--moe-use-upcycling"] == P.REFUSED
@@ -272,8 +273,8 @@ def test_every_flag_has_a_policy_with_a_reason():
 def test_refused_flags_raise_naming_the_flag_only_when_set_to_a_non_default_value():
     with pytest.raises(ValueError, match=r"--fp8-format hybrid: low-precision .*Transformer Engine"):
         configs(["--fp8-format", "hybrid"])
-    with pytest.raises(ValueError, match=r"--apply-layernorm-1p \(set\): changes the model's maths"):
-        configs(["--apply-layernorm-1p"])
+    with pytest.raises(ValueError, match=r"--multi-latent-attention \(set\): multi-latent attention is not"):
+        configs(["--multi-latent-attention"])
     with pytest.raises(ValueError, match="--mamba-num-heads 4: Mamba"):
         configs(["--mamba-num-heads", "4"])
     configs(["--fp8-margin", "0", "--mamba-state-dim", "128"])  # Megatron's defaults: accepted silently

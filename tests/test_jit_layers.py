@@ -47,6 +47,8 @@ def losses_and_grads(cfg, steps=2):
     ("gpt2", dict(DROPOUT, recompute_granularity="selective")),
     ("llama", DROPOUT),
     ("options", {}),
+    ("gptoss", DROPOUT),
+    ("qwen", {}),
     ("gpt2", dict(compute_dtype="float16")),
 ])
 def test_compiled_layers_give_the_eager_losses_and_gradients(world_of_one, name, options):

@@ -69,6 +69,53 @@ def test_param_groups_follow_megatrons_decay_rule():
     assert len(only_weights.param_groups) == 1
 
 
+def test_decoupled_lr_groups_and_schedule():
+    """--decoupled-lr: the embedding / output-layer weights get their own groups (after the default ones),
+    whose schedule peaks at decoupled_lr and ends at decoupled_min_lr (or --min-lr)."""
+    params = make_params()
+    embedding = Parameter(Tensor(np.ones((5, 3), np.float32)), name="language_model.embedding.word_embeddings.weight")
+    embedding.is_embedding_or_output_parameter = True
+    params.append(embedding)
+    cfg = OptimizerConfig(optimizer_type="sgd", learning_rate=1.0, weight_decay=0.1, sgd_momentum=0.0,
+                          decoupled_lr=0.2, decoupled_min_lr=0.02)
+    opt = get_megatron_optimizer(cfg, params)
+    assert [[p.name for p in g["params"]] for g in opt.param_groups] == [
+        ["layer.weight", "proj.weight"], ["layer.bias", "norm.weight"],
+        ["language_model.embedding.word_embeddings.weight"]]
+    assert [g["is_decoupled_lr"] for g in opt.param_groups] == [False, False, True]
+    sched = OptimizerParamScheduler(opt, 0.0, 1.0, 0.1, 2, 12, "linear", 0.1, 0.1, 12, "constant",
+                                    use_checkpoint_opt_param_scheduler=False)
+    sched.step(1)  # warmup half-way: 0.5 and 0.1
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5, 0.1])
+    sched.step(6)  # 7 of 12, decay 5/10 done: 0.1 + 0.5 * 0.9 = 0.55; 0.02 + 0.5 * 0.18 = 0.11
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.55, 0.55, 0.11])
+    before = embedding.asnumpy().astype(np.float64)
+    grads = make_grads(params, 2)
+    opt(grads)
+    want = before - 0.11 * (grads[-1].asnumpy() + 0.1 * before)  # decayed: a 2-D weight
+    assert rel(embedding.asnumpy(), want) < 1e-6
+    sched.step(100)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.1, 0.02])
+    # without decoupled_min_lr the decoupled groups end at --min-lr; without decoupled_lr nothing changes
+    plain = get_megatron_optimizer(OptimizerConfig(learning_rate=1.0, decoupled_lr=0.2), params)
+    assert "min_lr" not in plain.param_groups[-1] and plain.param_groups[-1]["max_lr"] == 0.2
+    assert len(get_megatron_optimizer(OptimizerConfig(learning_rate=1.0), params).param_groups) == 2
+
+
+def test_weight_decay_on_qk_layernorm():
+    """--apply-wd-to-qk-layernorm decays the query/key norm weights and biases; other 1-D parameters stay
+    exempt."""
+    params = make_params()
+    for name in ("attn.q_layernorm.weight", "attn.k_layernorm.bias"):
+        params.append(Parameter(Tensor(np.ones(3, np.float32)), name=name))
+    default = get_megatron_optimizer(OptimizerConfig(learning_rate=0.1), params)
+    assert [p.name for p in default.param_groups[1]["params"]] == [
+        "layer.bias", "norm.weight", "attn.q_layernorm.weight", "attn.k_layernorm.bias"]
+    qk = get_megatron_optimizer(OptimizerConfig(learning_rate=0.1, apply_wd_to_qk_layernorm=True), params)
+    assert [p.name for p in qk.param_groups[0]["params"]] == [
+        "layer.weight", "proj.weight", "attn.q_layernorm.weight", "attn.k_layernorm.bias"]
+
+
 def test_optimizer_config_errors():
     with pytest.raises(ValueError, match="--optimizer"):
         get_megatron_optimizer(OptimizerConfig(optimizer_type="lamb", learning_rate=0.1), make_params())

@@ -54,6 +54,42 @@ def test_evaluation_under_every_layout_gives_the_single_process_validation_loss(
                                            err_msg=layout)
 
 
+def test_per_token_loss_under_dp2_and_pp2_gives_the_single_process_run(training_layouts_2):
+    """--calculate-per-token-loss divides by the tokens of the whole global batch: DP=2 (counts summed over
+    the replicas; gradients summed, not averaged, also when reduce-scattered for the distributed optimizer)
+    and PP=2 (counted on the last stage, shared with the first) give one process's losses and validation
+    losses, which differ from the per-micro-batch mean's."""
+    want = training_checks.train(training_checks.per_token_config())
+    mean = training_checks.train(training_checks.make_config(steps=4, dataset_options={"eod_mask_loss": True}))
+    assert np.abs(np.array(want["loss"]) - mean["loss"]).max() > 1e-4
+    assert [i for i, _ in want["eval"]] == [2, 4]
+    for layout in ("dp2_per_token", "dp2_per_token_distopt", "pp2_per_token"):
+        for rank, result in enumerate(training_layouts_2):
+            if result[layout]["last_stage"]:
+                np.testing.assert_allclose(result[layout]["loss"], want["loss"], rtol=1e-5, err_msg=f"{layout} {rank}")
+                np.testing.assert_allclose([l for _, l in result[layout]["eval"]], [l for _, l in want["eval"]],
+                                           rtol=1e-5, err_msg=layout)
+
+
+def test_iterations_to_skip_drop_their_batches_without_a_step():
+    """--iterations-to-skip 2: iteration 2's micro-batches are read and dropped, no update and no schedule
+    step; iterations 1, 3, 4 then equal a 3-iteration run on the data without that batch."""
+    from mock_data import MockGPTDataset
+
+    data = MockGPTDataset(32, training_checks.SEQ, training_checks.VOCAB, seed=5)
+    micro = [{"text": np.stack([data[2 * k]["text"], data[2 * k + 1]["text"]])} for k in range(16)]
+
+    def run(batches, steps, skip=()):
+        config = training_checks.make_config(steps=steps, eval_interval=None, iterations_to_skip=list(skip))
+        config.optimizer_config.lr_decay_style, config.optimizer_config.lr_warmup_iters = "constant", 0
+        return training_checks.train_on(config, batches)
+
+    skipped = run(micro, 4, skip=[2])
+    plain = run(micro[:4] + micro[8:], 3)  # 4 micro-batches per iteration: without iteration 2's
+    assert len(skipped["loss"]) == 3
+    np.testing.assert_array_equal(skipped["loss"], plain["loss"])
+
+
 def test_pipeline_checkpoints_save_and_resume_per_stage(training_layouts_2):
     """PP=2: stopped after 4 of 8 iterations, saved per stage (mp_rank_00_000 / _001), resumed: the same
     losses and validation losses as the uninterrupted run."""

@@ -9,10 +9,16 @@ each rank whole groups, which is why ng must be divisible by tp.
 
 Attention masks are boolean [b or 1, 1, s, s] with True where a query may NOT attend (Megatron's
 convention); masked scores are set to -10000 as Megatron's legacy softmax does.
+
+Megatron-Core's options (TransformerConfig): query/key norms before RoPE (qk_layernorm, qk_l2_norm),
+per-layer RoPE skipping (no_rope_freq), sliding-window attention (window_size, window_attn_skip_freq:
+the window is combined with the mask given), softmax with an extra denominator term (softmax_type
+off-by-one / learnable) and a sigmoid output gate per query head (attention_output_gate).
 """
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from typing import Optional
 
@@ -21,12 +27,15 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindtron.legacy_model.fused import use_fused
-from mindtron.legacy_model.rotary import rotate
+from mindtron.legacy_model.norms import L2Norm, build_norm
+from mindtron.legacy_model.rotary import rotary_settings, rotate
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.utils import divide, expand_last
 
 MASKED_SCORE = -10000.0
+logger = logging.getLogger("mindtron")
+_noticed: set = set()  # one-time notices
 
 
 class AttnMaskType(enum.Enum):
@@ -48,6 +57,20 @@ def causal_mask(seq_length: int) -> Tensor:
         mask = _causal_cache[seq_length] = Tensor(np.triu(np.ones((seq_length, seq_length), np.bool_), 1)
                                                   [None, None])
     return mask
+
+
+def sliding_window_mask(seq_length: int, window) -> Tensor:
+    """[1, 1, s, s] boolean mask, True where key j lies outside query i's window: j < i - left (left >= 0),
+    or j > i + right (right >= 0; under the causal mask only right = 0 matters). -1 is unlimited."""
+    left, right = window
+    i = np.arange(seq_length)[:, None]
+    j = np.arange(seq_length)[None, :]
+    outside = np.zeros((seq_length, seq_length), np.bool_)
+    if left >= 0:
+        outside |= j < i - left
+    if right >= 0:
+        outside |= j > i + right
+    return Tensor(outside[None, None])
 
 
 class Softmax(nn.Cell):
@@ -84,6 +107,21 @@ class CoreAttention(nn.Cell):
         self.batch_matmul = ops.BatchMatMul()
         self.batch_matmul_t = ops.BatchMatMul(transpose_b=True)
         self.softmax = Softmax()
+        # Sliding window of this layer, built once for the longest sequence and cut to each input's length
+        # (a constant inside a compiled layer).
+        window = config.layer_window(layer_number)
+        self.window_mask = None if window is None else sliding_window_mask(config.seq_length, window)
+        # Softmax with an extra term exp(offset_h) in each row's denominator (a "sink" column).
+        self.softmax_type = config.softmax_type
+        heads_l = divide(config.num_attention_heads, ps.get_tensor_model_parallel_world_size(),
+                         "--num-attention-heads over tp")
+        if config.softmax_type == "learnable":
+            self.softmax_offset = tp.split_parameter((config.num_attention_heads,), 0, config.init_method(),
+                                                     config.dtype("params_dtype"))
+        elif config.softmax_type == "off-by-one":
+            self.softmax_offset = Tensor(np.zeros(heads_l, np.float32))
+        else:
+            self.softmax_offset = None
 
     def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                   dropout_mask: Optional[Tensor] = None) -> Tensor:
@@ -107,12 +145,20 @@ class CoreAttention(nn.Cell):
         mask = attention_mask
         if mask is None and self.attn_mask_type == AttnMaskType.causal:
             mask = causal_mask(s)
+        if self.window_mask is not None:
+            window = self.window_mask[:, :, :s, :s]
+            mask = window if mask is None else ops.logical_or(mask, window)
         if mask is not None and self.attn_mask_type != AttnMaskType.no_mask:
             # tiled to the scores' shape: masked_fill with a broadcast mask is ~15x slower on CPU, forward
             # and backward (Tile costs ~1 ms)
             mask = ops.tile(mask, (b // mask.shape[0], n // mask.shape[1], 1, 1))
             scores = ops.masked_fill(scores, mask, Tensor(MASKED_SCORE, scores.dtype))
-        probs = self.softmax(scores).astype(value.dtype)
+        if self.softmax_offset is None:
+            probs = self.softmax(scores).astype(value.dtype)
+        else:
+            # Megatron's SoftmaxOne: a sink column holding each head's offset joins the row, then is dropped
+            sink = ops.tile(self.softmax_offset.astype(scores.dtype).reshape(1, n, 1, 1), (b, 1, s, 1))
+            probs = self.softmax(ops.concat([scores, sink], -1))[..., :-1].astype(value.dtype)
         if dropout_mask is not None:
             probs = probs * dropout_mask.astype(probs.dtype)
         elif self.training and self.dropout_p > 0.0:
@@ -125,7 +171,7 @@ class CoreAttention(nn.Cell):
 class FlashAttention(nn.Cell):
     """MindSpore's fused flash-attention kernel (Ascend), same maths as CoreAttention."""
 
-    def __init__(self, config, num_heads_local: int):
+    def __init__(self, config, num_heads_local: int, layer_number: int = 1):
         super().__init__()
         self.num_heads = num_heads_local
         self.scale = 1.0 / math.sqrt(config.kv_channels)
@@ -133,6 +179,11 @@ class FlashAttention(nn.Cell):
         fa = config.fa_config or {}
         self.pre_tokens = int(fa.get("pre_tokens", 2147483647))
         self.next_tokens = int(fa.get("next_tokens", 0))
+        window = config.layer_window(layer_number)
+        if window is not None:  # sliding window: the kernel's band of keys before / after each query
+            if window[0] >= 0:
+                self.pre_tokens = min(self.pre_tokens, window[0])
+            self.next_tokens = 0
 
     def construct(self, query, key, value, attention_mask):
         # SBH layout: query [s, b, np_l hn], key/value [s, b, ng_l hn] (not expanded: GQA in the kernel)
@@ -157,19 +208,37 @@ class ParallelAttention(nn.Cell):
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.hn = hn
         self.rope_kernel = use_fused("rope", config.apply_rope_fusion)  # decided here: construct stays plain
+        self.use_rope = config.layer_uses_rope(layer_number)  # --no-rope-freq skips some layers
+        self.rope_interleaved, self.rope_mscale = rotary_settings(config)
+        self.gated = config.attention_output_gate
         compute = config.dtype("compute_dtype")
         params = config.dtype("params_dtype")
-        std = config.init_method_std
+        # per key/value group: its query heads, (their gates,) its key head, its value head
+        rows_per_group = (self.heads_per_group * (2 if self.gated else 1) + 2) * hn
         self.query_key_value = tp.ColumnParallelLinear(
-            config.hidden_size, (config.num_attention_heads + 2 * config.num_query_groups) * hn,
-            bias=config.qkv_has_bias, gather_output=False, init_method=tp.init_method_normal(std),
+            config.hidden_size, config.num_query_groups * rows_per_group,
+            bias=config.qkv_has_bias, gather_output=False, init_method=config.init_method(),
             sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
-        self.use_flash = use_fused("flash_attention", config.use_flash_attention)
-        self.core_attention = (FlashAttention(config, self.heads_l) if self.use_flash
+        # Query/key norms see only this rank's heads: their gradients are summed over tensor parallel, as
+        # Megatron does for q_layernorm/k_layernorm (marked like sequence-parallel parameters).
+        if config.qk_l2_norm:
+            self.q_layernorm, self.k_layernorm = L2Norm(config.norm_epsilon), L2Norm(config.norm_epsilon)
+        elif config.qk_layernorm:
+            self.q_layernorm = build_norm(config, sequence_parallel=True, hidden_size=hn)
+            self.k_layernorm = build_norm(config, sequence_parallel=True, hidden_size=hn)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        # MindSpore's flash-attention kernel has no softmax offset: such layers take the plain path
+        if config.use_flash_attention and config.softmax_type != "vanilla" and "softmax" not in _noticed:
+            _noticed.add("softmax")
+            logger.warning("--use-flash-attn with --softmax-type %s: the flash-attention kernel has no softmax "
+                           "offset, attention runs on plain ops", config.softmax_type)
+        self.use_flash = use_fused("flash_attention", config.use_flash_attention and config.softmax_type == "vanilla")
+        self.core_attention = (FlashAttention(config, self.heads_l, layer_number) if self.use_flash
                                else CoreAttention(config, layer_number, attn_mask_type))
         self.dense = tp.RowParallelLinear(
             config.num_attention_heads * hn, config.hidden_size, bias=config.out_proj_has_bias,
-            input_is_parallel=True, init_method=tp.scaled_init_method_normal(std, config.num_layers),
+            input_is_parallel=True, init_method=config.output_layer_init_method(),
             sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
 
     def _expand_groups(self, x: Tensor) -> Tensor:
@@ -182,20 +251,27 @@ class ParallelAttention(nn.Cell):
 
     def construct(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
                   rotary_pos_emb: Optional[Tensor] = None, dropout_mask: Optional[Tensor] = None) -> Tensor:
-        mixed, _ = self.query_key_value(hidden_states)  # [s, b, ng_l (np/ng + 2) hn]
+        mixed, _ = self.query_key_value(hidden_states)  # [s, b, ng_l (np/ng (x2 gated) + 2) hn]
         s, b = mixed.shape[0], mixed.shape[1]
-        mixed = mixed.reshape(s, b, self.groups_l, (self.heads_per_group + 2) * self.hn)
         q_width = self.heads_per_group * self.hn
-        query, key, value = ops.split(mixed, [q_width, self.hn, self.hn], -1)
+        widths = [q_width, q_width, self.hn, self.hn] if self.gated else [q_width, self.hn, self.hn]
+        mixed = mixed.reshape(s, b, self.groups_l, sum(widths))
+        parts = ops.split(mixed, widths, -1)
+        query, key, value = (parts[0], parts[2], parts[3]) if self.gated else parts
         query = query.reshape(s, b, self.heads_l, self.hn)  # [s, b, np_l, hn]
-        if rotary_pos_emb is not None:
-            query = rotate(query, rotary_pos_emb, self.rope_kernel)
-            key = rotate(key, rotary_pos_emb, self.rope_kernel)
+        if self.q_layernorm is not None:
+            query, key = self.q_layernorm(query), self.k_layernorm(key)
+        if rotary_pos_emb is not None and self.use_rope:
+            query = rotate(query, rotary_pos_emb, self.rope_kernel, self.rope_interleaved, self.rope_mscale)
+            key = rotate(key, rotary_pos_emb, self.rope_kernel, self.rope_interleaved, self.rope_mscale)
         if self.use_flash:
             context = self.core_attention(query.reshape(s, b, -1), key.reshape(s, b, -1),
                                           value.reshape(s, b, -1), attention_mask)
         else:
             context = self.core_attention(query, self._expand_groups(key), self._expand_groups(value),
                                           attention_mask, dropout_mask)  # [s, b, np_l hn]
+        if self.gated:  # sigmoid gate per query head and channel, in fp32 as Megatron
+            gate = ops.sigmoid(parts[1].reshape(s, b, -1).astype(ms.float32))
+            context = (context.astype(ms.float32) * gate).astype(context.dtype)
         output, _ = self.dense(context)
         return output

@@ -1,6 +1,7 @@
 """GPTModel: the language model plus the logits head and the masked vocab-parallel cross entropy.
 
     loss = GPTModel(config)(tokens [b, s], position_ids, attention_mask, loss_mask, labels=labels)
+    (the masked mean over tokens; the masked sum with config.calculate_per_token_loss)
     logits [b, s, v/tp] = GPTModel(config)(tokens, position_ids, attention_mask)
 
 Parameters are named as in Megatron's legacy checkpoints (language_model.embedding.word_embeddings.weight,
@@ -53,10 +54,20 @@ def masked_mean(losses: Tensor, loss_mask: Optional[Tensor]) -> Tensor:
     return (losses.astype(ms.float32) * mask).sum() / mask.sum()
 
 
+def masked_sum(losses: Tensor, loss_mask: Optional[Tensor]) -> Tensor:
+    """sum(losses x mask) over a micro-batch: the per-token loss (--calculate-per-token-loss), which the
+    training step divides by the unmasked tokens of the whole global batch."""
+    if loss_mask is None:
+        return losses.astype(ms.float32).sum()
+    return (losses.astype(ms.float32) * loss_mask.astype(ms.float32)).sum()
+
+
 def post_language_model_processing(parallel_lm_logits: ParallelLMLogits, lm_output: Tensor,
                                    labels: Optional[Tensor], logit_weights: Tensor, parallel_output: bool,
-                                   fp16_lm_cross_entropy: bool, loss_mask: Optional[Tensor]) -> Tensor:
-    """Logits [b, s, v(/tp)] without labels; with labels [b, s] the masked mean cross entropy."""
+                                   fp16_lm_cross_entropy: bool, loss_mask: Optional[Tensor],
+                                   per_token_loss: bool = False) -> Tensor:
+    """Logits [b, s, v(/tp)] without labels; with labels [b, s] the masked mean cross entropy (the masked
+    sum with `per_token_loss`)."""
     logits = parallel_lm_logits(lm_output, logit_weights, True)  # [s, b, v/tp]
     if labels is None:
         if not parallel_output:
@@ -68,7 +79,8 @@ def post_language_model_processing(parallel_lm_logits: ParallelLMLogits, lm_outp
     else:
         logits = logits.astype(ms.float32)
     losses = tp.vocab_parallel_cross_entropy(logits, ops.transpose(labels, (1, 0)))  # [s, b]
-    return masked_mean(ops.transpose(losses, (1, 0)), loss_mask)
+    reduce = masked_sum if per_token_loss else masked_mean
+    return reduce(ops.transpose(losses, (1, 0)), loss_mask)
 
 
 class GPTModel(nn.Cell):
@@ -101,7 +113,16 @@ class GPTModel(nn.Cell):
             self.parallel_lm_logits = ParallelLMLogits(config, bias=False,
                                                        compute_dtype=config.dtype("compute_dtype"))
         self.initialize_word_embeddings()
+        self._mark_embedding_and_output()
         tp.initialize_parameters(self, rename=self.layout_independent_name)
+
+    def _mark_embedding_and_output(self) -> None:
+        """Flag the word embedding and output-layer weights `is_embedding_or_output_parameter`, as Megatron-Core
+        does: --decoupled-lr gives them their own learning rate."""
+        for weight in (self.shared_embedding_or_output_weight(),
+                       self.language_model.embedding.word_embeddings.weight if self.pre_process else None):
+            if weight is not None:
+                weight.is_embedding_or_output_parameter = True
 
     # Embedding shared between the first and last stage ------------------------------------------------
     def initialize_word_embeddings(self) -> None:
@@ -115,7 +136,7 @@ class GPTModel(nn.Cell):
         if self.post_process and not self.pre_process:
             c = self.config
             self.word_embeddings_for_head = tp.VocabParallelEmbedding(
-                c.vocab_size, c.hidden_size, init_method=tp.init_method_normal(c.init_method_std),
+                c.vocab_size, c.hidden_size, init_method=c.embedding_init_method(),
                 params_dtype=c.dtype("embedding_init_dtype"))
             self.word_embeddings_for_head.weight.shared_embedding = True
 
@@ -158,4 +179,5 @@ class GPTModel(nn.Cell):
             return lm_output
         return post_language_model_processing(self.parallel_lm_logits, lm_output, labels,
                                               self.shared_embedding_or_output_weight(), self.parallel_output,
-                                              self.fp16_lm_cross_entropy, loss_mask)
+                                              self.fp16_lm_cross_entropy, loss_mask,
+                                              self.config.calculate_per_token_loss)

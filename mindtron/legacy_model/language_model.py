@@ -32,7 +32,7 @@ class Embedding(nn.Cell):
 
     def __init__(self, config, num_tokentypes: int = 0):
         super().__init__()
-        init = tp.init_method_normal(config.init_method_std)
+        init = config.embedding_init_method()  # --embedding-init-method-std / --init-method-xavier-uniform
         dtype = config.dtype("embedding_init_dtype")
         self.word_embeddings = tp.VocabParallelEmbedding(config.vocab_size, config.hidden_size, init_method=init,
                                                          params_dtype=dtype)
@@ -76,16 +76,15 @@ class TransformerLanguageModel(nn.Cell):
         self.pre_process, self.post_process = pre_process, post_process
         if pre_process:
             self.embedding = Embedding(config, num_tokentypes)
-        self.use_rotary = config.position_embedding_type == "rope"
+        self.use_rotary = config.uses_rotary
         if self.use_rotary:
-            self.rotary_pos_emb = RotaryEmbedding(config.rotary_dim, config.rotary_base)
+            self.rotary_pos_emb = RotaryEmbedding(config)
         offset, count = local_layer_range(config)
         self.encoder = ParallelTransformer(config, offset, count, post_norm=post_process, pre_process=pre_process,
                                            attn_mask_type=encoder_attn_mask_type)
         if post_process and config.untie_embeddings_and_output_weights:
             self.output_layer = tp.ColumnParallelLinear(
-                config.hidden_size, config.vocab_size, bias=False,
-                init_method=tp.init_method_normal(config.init_method_std),
+                config.hidden_size, config.vocab_size, bias=False, init_method=config.init_method(),
                 params_dtype=config.dtype("params_dtype"))
 
     def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:

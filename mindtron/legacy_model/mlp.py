@@ -1,7 +1,8 @@
 """The feed-forward block: dense_h_to_4h (column parallel) -> activation -> dense_4h_to_h (row parallel).
 
-With SwiGLU, dense_h_to_4h is [gate; up] of width 2 ffn, and each tensor-parallel shard holds its own
-[gate_r; up_r] (stride 2), so the activation runs on the local shard without communication.
+With a gated activation (SwiGLU, quick-GeGLU), dense_h_to_4h is [gate; up] of width 2 ffn, and each
+tensor-parallel shard holds its own [gate_r; up_r] (stride 2), so the activation runs on the local shard
+without communication.
 """
 from __future__ import annotations
 
@@ -24,6 +25,21 @@ def swiglu(x: Tensor) -> Tensor:
     return ops.silu(gate) * up
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """x * sigmoid(1.702 x), GeLU's sigmoid approximation."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+def gated_unit(act, clamp=None, offset: float = 0.0):
+    """Megatron-Core's unfused GLU: act(min(gate, c)) * (clip(up, -c, c) + offset) for x = [gate, up]."""
+    def glu(x: Tensor) -> Tensor:
+        gate, up = ops.chunk(x, 2, -1)
+        if clamp is not None:
+            gate, up = ops.clamp(gate, None, clamp), ops.clamp(up, -clamp, clamp)
+        return act(gate) * (up + offset if offset else up)
+    return glu
+
+
 def activation_function(config):
     """The activation `config.hidden_act` names (Megatron's bias-GeLU fusion uses the tanh form)."""
     act = config.hidden_act
@@ -33,7 +49,11 @@ def activation_function(config):
         return lambda x: ops.gelu(x, approximate="none")
     if act == "gelu_tanh":
         return gelu_tanh
+    if act == "quick_geglu":
+        return gated_unit(quick_gelu, config.activation_func_clamp_value, config.glu_linear_offset)
     if act == "swiglu":
+        if not config.bias_swiglu_fusion:  # Megatron's unfused GLU applies the clamp and the offset
+            return gated_unit(ops.silu, config.activation_func_clamp_value, config.glu_linear_offset)
         if use_fused("swiglu", config.apply_swiglu_fusion):
             return lambda x: ops.swiglu(x, -1)
         return swiglu
@@ -54,13 +74,13 @@ class ParallelMLP(nn.Cell):
         compute, params = config.dtype("compute_dtype"), config.dtype("params_dtype")
         self.dense_h_to_4h = tp.ColumnParallelLinear(
             config.hidden_size, width, bias=bias, gather_output=False,
-            init_method=tp.init_method_normal(config.init_method_std),
+            init_method=config.init_method(),
             stride=2 if config.gated_linear_unit else 1, sequence_parallel=config.sequence_parallel,
             params_dtype=params, compute_dtype=compute)
         self.activation = activation_function(config)
         self.dense_4h_to_h = tp.RowParallelLinear(
             ffn, config.hidden_size, bias=bias, input_is_parallel=True,
-            init_method=tp.scaled_init_method_normal(config.init_method_std, config.num_layers),
+            init_method=config.output_layer_init_method(),
             sequence_parallel=config.sequence_parallel, params_dtype=params, compute_dtype=compute)
 
     def construct(self, hidden_states: Tensor) -> Tensor:

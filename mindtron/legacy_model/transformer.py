@@ -15,6 +15,7 @@ from mindspore import Tensor, nn
 from mindtron.legacy_model.attention import AttnMaskType, ParallelAttention, causal_mask
 from mindtron.legacy_model.mlp import ParallelMLP, activation_function
 from mindtron.legacy_model.norms import build_norm
+from mindtron.legacy_model.pipeline_layout import pipeline_layer_counts
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.moe import MoELayer
@@ -22,34 +23,16 @@ from mindtron.parallel_core.moe import MoELayer
 
 def stage_layer_range(num_layers: int, pipeline_size: int = 1, pipeline_rank: int = 0,
                       virtual_size: Optional[int] = None, virtual_rank: Optional[int] = None,
-                      num_layer_list: Optional[Sequence] = None) -> Tuple[int, int]:
+                      num_layer_list: Optional[Sequence] = None, **layout) -> Tuple[int, int]:
     """(first global layer index, number of layers) held by one pipeline stage / model chunk.
 
     Model order with virtual stages is chunk 0 of stages 0..p-1, then chunk 1 of stages 0..p-1, ... An
     uneven `num_layer_list` gives per-stage counts ([n0, n1, ...]) or, with virtual stages, one such list
-    per chunk ([[chunk0: n0, n1, ...], [chunk1: ...], ...]).
+    per chunk ([[chunk0: n0, n1, ...], [chunk1: ...], ...]); `layout` takes the other placements of
+    pipeline_layout.pipeline_layer_counts (first/last stage layers, embedding/loss accounting, a layout).
     """
-    chunks = virtual_size or 1
+    counts = pipeline_layer_counts(num_layers, pipeline_size, virtual_size, num_layer_list=num_layer_list, **layout)
     chunk = virtual_rank or 0
-    if num_layer_list is None:
-        per_piece, rest = divmod(num_layers, pipeline_size * chunks)
-        if rest:
-            raise ValueError(
-                f"--num-layers {num_layers} cannot be split evenly over {pipeline_size} pipeline stages x "
-                f"{chunks} virtual stages; change --num-layers, --pipeline-model-parallel-size or "
-                f"--num-layers-per-virtual-pipeline-stage, or give --num-layer-list")
-        counts = [[per_piece] * pipeline_size for _ in range(chunks)]
-    else:
-        nested = [list(c) for c in num_layer_list] if isinstance(num_layer_list[0], (list, tuple)) \
-            else [list(num_layer_list)]
-        if len(nested) != chunks or any(len(c) != pipeline_size for c in nested):
-            raise ValueError(f"--num-layer-list {list(num_layer_list)} must have {pipeline_size} entries (one per "
-                             f"pipeline stage)" + (f" in each of {chunks} lists (one per virtual stage)"
-                                                   if chunks > 1 else ""))
-        if sum(map(sum, nested)) != num_layers or min(map(min, nested)) < 0:
-            raise ValueError(f"--num-layer-list {list(num_layer_list)} must be non-negative counts summing to "
-                             f"--num-layers {num_layers}")
-        counts = nested
     offset = sum(map(sum, counts[:chunk])) + sum(counts[chunk][:pipeline_rank])
     return offset, counts[chunk][pipeline_rank]
 
@@ -59,7 +42,10 @@ def local_layer_range(config) -> Tuple[int, int]:
     return stage_layer_range(
         config.num_layers, ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
         ps.get_virtual_pipeline_model_parallel_world_size(), ps.get_virtual_pipeline_model_parallel_rank(),
-        config.num_layer_list)
+        config.num_layer_list, first_stage_layers=config.num_layers_in_first_pipeline_stage,
+        last_stage_layers=config.num_layers_in_last_pipeline_stage,
+        account_for_embedding=config.account_for_embedding_in_pipeline_split,
+        account_for_loss=config.account_for_loss_in_pipeline_split, layout=config.pipeline_model_parallel_layout)
 
 
 class ParallelTransformerLayer(nn.Cell):

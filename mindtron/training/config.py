@@ -320,6 +320,13 @@ class OptimizerConfig:
     """Global-norm clipping threshold (--clip-grad); 0 disables."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather (--overlap-param-gather)."""
+    decoupled_lr: Optional[float] = None
+    """Peak learning rate of the word embedding and output-layer weights (--decoupled-lr); None: --lr."""
+    decoupled_min_lr: Optional[float] = None
+    """Floor of their decayed learning rate (--decoupled-min-lr); None: --min-lr."""
+    apply_wd_to_qk_layernorm: bool = False
+    """Weight-decay the query/key norm parameters too (--apply-wd-to-qk-layernorm, or
+    --no-weight-decay-cond-type apply_wd_to_qk_layernorm); other 1-D parameters and biases stay exempt."""
 
 
 @dataclass

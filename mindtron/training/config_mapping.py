@@ -250,6 +250,47 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("recompute", "parallel_config.recompute"),
     ("select_recompute", "parallel_config.select_recompute"),
     ("select_comm_recompute", "parallel_config.select_comm_recompute"),
+    # --- core_r0.19.0 flags that change the model maths or the optimizer (dests as in the table) ---
+    # norms and attention
+    ("layernorm_zero_centered_gamma", "model_config.layernorm_zero_centered_gamma"),  # --apply-layernorm-1p
+    ("qk_layernorm", "model_config.qk_layernorm"),
+    ("qk_l2_norm", "model_config.qk_l2_norm"),
+    ("window_size", "model_config.window_size"),
+    ("window_attn_skip_freq", "model_config.window_attn_skip_freq"),
+    ("softmax_type", "model_config.softmax_type"),
+    ("attention_output_gate", "model_config.attention_output_gate"),
+    # rotary embeddings (YaRN's values left unset keep Megatron's defaults, see _model_option_values)
+    ("rotary_interleaved", "model_config.rotary_interleaved"),
+    ("rotary_seq_len_interpolation_factor", "model_config.rotary_seq_len_interpolation_factor"),
+    ("use_rope_scaling", "model_config.use_rope_scaling"),
+    ("rope_scaling_factor", "model_config.rope_scaling_factor"),
+    ("no_rope_freq", "model_config.no_rope_freq"),
+    ("rotary_scaling_factor", "model_config.yarn_rotary_scaling_factor"),
+    ("yarn_original_max_position_embeddings", "model_config.yarn_original_max_position_embeddings"),
+    ("yarn_beta_fast", "model_config.yarn_beta_fast"),
+    ("yarn_beta_slow", "model_config.yarn_beta_slow"),
+    ("mscale", "model_config.yarn_mscale"),
+    ("mscale_all_dim", "model_config.yarn_mscale_all_dim"),
+    ("yarn_correction_range_round_to_int", "model_config.yarn_correction_range_round_to_int"),
+    # MLP (--quick-geglu selects hidden_act "quick_geglu" in validate_arguments)
+    ("quick_geglu", "model_config.hidden_act"),
+    ("glu_linear_offset", "model_config.glu_linear_offset"),
+    ("activation_func_clamp_value", "model_config.activation_func_clamp_value"),
+    ("bias_swiglu_fusion", "model_config.bias_swiglu_fusion"),
+    # initialisation and loss
+    ("init_method_xavier_uniform", "model_config.init_method_xavier_uniform"),
+    ("embedding_init_method_std", "model_config.embedding_init_method_std"),
+    ("calculate_per_token_loss", "model_config.calculate_per_token_loss"),
+    # layers per pipeline stage
+    ("decoder_first_pipeline_num_layers", "model_config.num_layers_in_first_pipeline_stage"),
+    ("decoder_last_pipeline_num_layers", "model_config.num_layers_in_last_pipeline_stage"),
+    ("account_for_embedding_in_pipeline_split", "model_config.account_for_embedding_in_pipeline_split"),
+    ("account_for_loss_in_pipeline_split", "model_config.account_for_loss_in_pipeline_split"),
+    ("pipeline_model_parallel_layout", "model_config.pipeline_model_parallel_layout"),
+    # optimizer
+    ("decoupled_lr", "optimizer_config.decoupled_lr"),
+    ("decoupled_min_lr", "optimizer_config.decoupled_min_lr"),
+    ("apply_wd_to_qk_layernorm", "optimizer_config.apply_wd_to_qk_layernorm"),
     # Mixture of Experts: model_config.moe_config (parallel_core.moe.MoEConfig, fields named as the flags)
     *((dest, f"model_config.moe_config.{dest}") for dest in (
         "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "first_k_dense_replace", "moe_router_topk",
@@ -310,6 +351,12 @@ def _model_config(args: argparse.Namespace) -> TransformerConfig:
         embedding_init_dtype=args.embedding_dtype,
         moe_config=moe_config_from_args(args),
     )
+    for field in ("yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+                  "yarn_correction_range_round_to_int"):
+        if kw.get(field) is None:  # Megatron's defaults (4096, 32, 1, True) apply when the flag is left out
+            kw.pop(field, None)
+    if kw.get("window_size") is not None:
+        kw["window_size"] = tuple(kw["window_size"])
     return TransformerConfig(**kw)
 
 

@@ -83,6 +83,9 @@ ARGUMENT_LAYER: Dict[str, str] = {
     "tokenizer_hf_no_use_fast": "HuggingFace slow tokenizer",
     "tokenizer_hf_no_include_special_tokens": "HuggingFace: no BOS/EOS added by the tokenizer",
     "trust_remote_code": "HuggingFace remote code",
+    "no_weight_decay_cond_type": "apply_wd_to_qk_layernorm sets --apply-wd-to-qk-layernorm, as in Megatron",
+    "data_parallel_random_init": "accepted without dropout (the weights come from --seed and each parameter's "
+                                 "name on every rank); refused with dropout (validate_arguments.py)",
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,20 +124,15 @@ _DATA_TODO = "changes the training data and is not implemented in mindtron yet"
 _BY_OPTION: Dict[str, Tuple[str, str]] = {
     # model maths not ported yet (network size / transformer configuration)
     **{o: (REFUSED, _MODEL_TODO) for o in (
-        "--softmax-type", "--window-size", "--window-attn-skip-freq", "--rotary-interleaved",
-        "--rotary-seq-len-interpolation-factor", "--use-rope-scaling", "--rope-scaling-factor", "--no-rope-freq",
-        "--mrope-section", "--rope-type", "--apply-layernorm-1p", "--apply-residual-connection-post-layernorm",
-        "--quick-geglu", "--activation-func-clamp-value", "--glu-linear-offset", "--qk-layernorm", "--qk-l2-norm",
-        "--qk-clip", "--qk-clip-alpha", "--qk-clip-threshold", "--attention-output-gate",
-        "--calculate-per-token-loss", "--embedding-init-method-std", "--init-method-xavier-uniform",
-        "--data-parallel-random-init", "--relative-attention-num-buckets", "--relative-attention-max-distance",
-        "--no-yarn-correction-range-round-to-int", "--yarn-correction-range-round-to-int",
-        "--heterogeneous-layers-config-path",
+        "--qk-clip", "--qk-clip-alpha", "--qk-clip-threshold", "--heterogeneous-layers-config-path",
         "--heterogeneous-layers-config-encoded-json", "--spec",
     )},
-    **{o: (REFUSED, _MODEL_TODO.replace("model's maths", "pipeline layout")) for o in (
-        "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
-        "--pipeline-model-parallel-layout")},
+    "--apply-residual-connection-post-layernorm": (IGNORED, "Megatron-Core core_r0.19.0 defines it but no layer "
+                                                            "reads it"),
+    **{o: (IGNORED, "read only with --position-embedding-type relative / mrope, which are refused")
+       for o in ("--relative-attention-num-buckets", "--relative-attention-max-distance", "--mrope-section")},
+    "--rope-type": (IGNORED, "Megatron reads it only with multi-latent attention (refused); use "
+                             "--position-embedding-type rope or yarn"),
     **{o: (REFUSED, "a different kind of training (RL, SFT, vision) that mindtron does not implement")
        for o in ("--perform-rl-step", "--sft", "--vision-pretraining")},
     **{o: (IGNORED, _SAME_MATHS) for o in (
@@ -144,8 +142,7 @@ _BY_OPTION: Dict[str, Tuple[str, str]] = {
     "--mamba-inference-conv-states-dtype": (IGNORED, _INFERENCE),
     "--mamba-inference-ssm-states-dtype": (IGNORED, _INFERENCE),
     **{o: (REFUSED, _OPTIM_TODO) for o in (
-        "--decoupled-lr", "--decoupled-min-lr", "--freeze-all-layers", "--apply-wd-to-qk-layernorm",
-        "--no-weight-decay-cond-type", "--use-precision-aware-optimizer", "--exp-avg-dtype", "--exp-avg-sq-dtype",
+        "--freeze-all-layers", "--use-precision-aware-optimizer", "--exp-avg-dtype", "--exp-avg-sq-dtype",
         "--main-params-dtype", "--lion-beta1", "--lion-beta2",
     )},
     **{o: (REFUSED, _DATA_TODO) for o in (
@@ -157,8 +154,6 @@ _BY_OPTION: Dict[str, Tuple[str, str]] = {
                                       "determinism settings apply"),
     "--grad-reduce-in-bf16": (REFUSED, "mindtron accumulates and reduces gradients in fp32"),
     "--main-grads-dtype": (REFUSED, "mindtron keeps fp32 main gradients"),
-    "--account-for-embedding-in-pipeline-split": (REFUSED, _MODEL_TODO.replace("model's maths", "pipeline layout")),
-    "--account-for-loss-in-pipeline-split": (REFUSED, _MODEL_TODO.replace("model's maths", "pipeline layout")),
     "--decoder-num-layers": (IGNORED, "encoder-decoder (T5) models only; " + _NOT_TRAINING),
     "--sample-rate": (IGNORED, "BERT/T5 datasets only; " + _NOT_TRAINING),
     "--mask-prob": (IGNORED, "BERT/T5 masking only; " + _NOT_TRAINING),

@@ -358,7 +358,7 @@ _MINDTRON_MODEL = [
     on("--use-fused-swiglu"),
     on("--use-fused-rope"),
     on("--use-fused-rmsnorm"),
-    val("--hidden-act", str, choices=("gelu", "gelu_tanh", "swiglu", "squared_relu", "silu")),
+    val("--hidden-act", str, choices=("gelu", "gelu_tanh", "swiglu", "squared_relu", "silu", "quick_geglu")),
 ]
 
 _MINDTRON_TRAINING = [

@@ -4,7 +4,9 @@ One iteration: for each micro-batch, forward + backward (gradients of loss / mic
 the gradient buckets), then the buckets' sequence-parallel, tied-embedding and data-parallel reduction
 (reduce-scatter with the distributed optimizer), unscaling and an inf/nan check, clipping, the optimizer
 step and the learning-rate schedule. Losses are averaged as Megatron does: per micro-batch over
-its unmasked tokens, then over micro-batches and data-parallel ranks.
+its unmasked tokens, then over micro-batches and data-parallel ranks; with --calculate-per-token-loss each
+micro-batch's loss is its sum over tokens and the gradients are divided by the unmasked tokens of the whole
+global batch.
 """
 from __future__ import annotations
 
@@ -169,6 +171,10 @@ class Trainer:
             raise ValueError("no learning rate: pass --lr")
         t = config.training_config
         chunk_of_param = [c for c, chunk in enumerate(self.chunk_params) for _ in chunk]
+        # --calculate-per-token-loss: micro-batch losses are sums over tokens; the iteration's gradients are
+        # divided by the unmasked tokens of the whole global batch (Megatron-Core's finalize_model_grads)
+        self.per_token_loss = bool(getattr(config.model_config, "calculate_per_token_loss", False))
+        self._tokens: List[float] = []  # unmasked tokens of the micro-batches this rank's head saw
         self.loss_scaler = build_loss_scaler(config)
         # a scaler that adapts to overflows expects NaN/Inf gradients now and then: never an error with it
         check_for_nan = t.check_for_nan_in_loss_and_grad and isinstance(self.loss_scaler, ConstantLossScaler)
@@ -179,7 +185,8 @@ class Trainer:
             overlap_grad_reduce=t.overlap_grad_reduce and t.wrap_with_ddp,
             delay_grad_reduce=t.delay_grad_reduce,
             shard=t.use_distributed_optimizer, check_for_nan=check_for_nan,
-            pad_to=128 if t.enable_mem_align else 1))
+            pad_to=128 if t.enable_mem_align else 1,
+            average=not self.per_token_loss))  # per-token: summed, then divided by the global token count
         if t.use_distributed_optimizer:
             self.optimizer = DistributedOptimizer(config.optimizer_config, self.params, self.grad_buffer,
                                                   overlap_param_gather=config.optimizer_config.overlap_param_gather)
@@ -198,16 +205,33 @@ class Trainer:
         self.routers = [cell for m in self.chunks for _, cell in m.cells_and_names() if isinstance(cell, TopKRouter)]
 
     def _loss_of(self, batch_source, chunk: int = 0) -> Tensor:
-        """Forward one micro-batch; Megatron-style forward_step_func(data_iterator, model) or GPTModel's loss."""
+        """Forward one micro-batch; Megatron-style forward_step_func(data_iterator, model) or GPTModel's loss.
+
+        A loss_func returning Megatron-Core's (loss sum, token count, report) gives the mean over the tokens,
+        or with a per-token loss the sum (its count recorded)."""
         model = self.chunks[chunk]
+        head = chunk == len(self.chunks) - 1 and ps.is_pipeline_last_stage(ignore_virtual=True)
         if self.forward_step_func is not None:
             out = self.forward_step_func(batch_source, model)
             if isinstance(out, tuple):
                 output, loss_func = out
                 out = loss_func(output)
+                if isinstance(out, tuple) and len(out) == 3:
+                    loss, tokens = out[0], float(np.asarray(out[1].asnumpy() if isinstance(out[1], Tensor)
+                                                            else out[1]))
+                    if self.per_token_loss:
+                        self._tokens.append(tokens)
+                        return loss
+                    return loss / max(tokens, 1.0)
                 if isinstance(out, tuple):
                     out = out[0]
+            if self.per_token_loss and head:
+                raise ValueError("--calculate-per-token-loss needs the forward step's loss_func to return Megatron-"
+                                 "Core's (loss summed over tokens, number of tokens, report)")
             return out
+        if self.per_token_loss and head:
+            mask = batch_source.get("loss_mask")
+            self._tokens.append(float(mask.sum().asnumpy()) if mask is not None else float(batch_source["labels"].size))
         return gpt_forward(model, batch_source)
 
     def _next_micro_batch(self, data_iterator):
@@ -247,17 +271,31 @@ class Trainer:
         if c.model_config.sequence_parallel:
             seq //= ps.get_tensor_model_parallel_world_size()
         shape = (seq, c.training_config.micro_batch_size, c.model_config.hidden_size)
+        self._tokens = []
         return get_forward_backward_func()(
             step=self._stage_step, batches=self._micro_batches(data_iterator),
             params=self.chunk_params if len(self.chunks) > 1 else self.params,
             num_microbatches=num_micro_batches, tensor_shape=shape, loss_scale=scale, forward_only=forward_only,
-            grad_sink=grad_sink)
+            grad_sink=grad_sink, calculate_per_token_loss=self.per_token_loss)
 
-    def _mean_loss(self, losses: List[Tensor]) -> float:
-        """Mean micro-batch loss of the last stage, averaged over data-parallel ranks (0 on other stages)."""
-        local = ops.stack([l.astype(ms.float32) for l in losses]).mean() if losses else Tensor(0.0, ms.float32)
+    def _global_tokens(self) -> float:
+        """Unmasked tokens of the whole global batch: counted where the loss is computed (last pipeline stage),
+        shared over the pipeline and summed over data-parallel ranks (context ranks folded in), on every rank."""
+        local = Tensor(np.array([sum(self._tokens)], np.float32))
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # the other stages contribute 0
+            local = comm.all_reduce(local, ps.get_pipeline_model_parallel_group())
         total = comm.all_reduce(local, ps.get_data_parallel_group(with_context_parallel=True))
-        return float(total.asnumpy()) / ps.get_data_parallel_world_size(with_context_parallel=True)
+        return float(total.asnumpy()[0])
+
+    def _mean_loss(self, losses: List[Tensor], tokens: Optional[float] = None) -> float:
+        """Mean micro-batch loss of the last stage, averaged over data-parallel ranks (0 on other stages); with
+        a per-token loss, the summed losses over the global batch's `tokens`."""
+        local = ops.stack([l.astype(ms.float32) for l in losses]) if losses else Tensor([0.0], ms.float32)
+        local = local.sum() if tokens is not None else local.mean()
+        total = float(comm.all_reduce(local, ps.get_data_parallel_group(with_context_parallel=True)).asnumpy())
+        if tokens is not None:
+            return total / max(tokens, 1.0)
+        return total / ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def train_step(self, data_iterator, consumed_samples: int = 0) -> StepResult:
         """One iteration: as many micro-batches as the batch-size schedule gives after `consumed_samples`."""
@@ -288,8 +326,10 @@ class Trainer:
             params, grads, group = getattr(self.optimizer, "main_params", self.params), self.grad_buffer.grads(), None
         timers("optimizer-copy-to-main-grad").stop()
         timers("optimizer-unscale-and-check-inf", log_level=1).start()
-        if scale != 1.0:
-            grads = [g / scale for g in grads]
+        tokens = self._global_tokens() if self.per_token_loss else None
+        divisor = scale * max(tokens, 1.0) if tokens is not None else scale
+        if divisor != 1.0:
+            grads = [g / divisor for g in grads]
         found_inf = found_inf_in_grads(grads, group)
         timers("optimizer-unscale-and-check-inf").stop()
         self.loss_scaler.update(found_inf)
@@ -314,8 +354,8 @@ class Trainer:
         timers("optimizer").stop()
         if t.log_params_norm:  # the main (fp32) values the optimizer stepped, each shared one counted once
             params_norm = get_grad_norm(params, [p.value() for p in params], group)
-        return StepResult(self._mean_loss(result.losses), grad_norm, bool(found_inf), float(scale), batch, moe_stats,
-                          num_zeros, params_norm)
+        return StepResult(self._mean_loss(result.losses, tokens), grad_norm, bool(found_inf), float(scale), batch,
+                          moe_stats, num_zeros, params_norm)
 
     def skip_step(self, data_iterator, consumed_samples: int = 0) -> int:
         """Read and drop one iteration's micro-batches without training (--iterations-to-skip, Megatron's
@@ -356,16 +396,21 @@ class Trainer:
         losses: List[Tensor] = []
         # Megatron evaluates with --global-batch-size (the schedule's final batch), whatever the ramp
         micro_batches = self.batch_schedule.final_num_microbatches()
+        tokens: List[float] = []
         try:
             for _ in range(eval_iters):
                 losses += self._run_schedule(data_iterator, forward_only=True, scale=1.0,
                                              num_micro_batches=micro_batches).losses
+                tokens += self._tokens
         except StopIteration:
             pass
         finally:
             self.set_train(True)
         if not losses and ps.is_pipeline_last_stage():
             raise ValueError("the validation data ran out before any batch was evaluated (--eval-iters)")
+        if self.per_token_loss:  # Megatron's evaluation: summed losses over summed tokens
+            self._tokens = tokens
+            return self._mean_loss(losses, self._global_tokens())
         return self._mean_loss(losses)
 
 

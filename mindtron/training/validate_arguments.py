@@ -136,6 +136,7 @@ def validate_args(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] =
               f"--context-parallel-size ({2 * cp}) when --context-parallel-size > 1")
 
     _validate_batch(args, user)
+    _validate_model_options(args)
     _validate_pipeline(args, user)
     _validate_model(args, user)
     _validate_precision(args, user)
@@ -262,6 +263,13 @@ def _validate_pipeline(args: argparse.Namespace, user: set) -> None:
             _need(explicit_vpp == vpp, f"--virtual-pipeline-model-parallel-size {explicit_vpp} disagrees with "
                   f"--num-layers {args.num_layers} / --pipeline-model-parallel-size {pp} / "
                   f"--num-layers-per-virtual-pipeline-stage {per_layer_chunk} = {vpp}; give only one")
+    elif args.pipeline_model_parallel_layout is not None:  # the layout's stage count fixes the virtual stages
+        from mindtron.legacy_model.pipeline_layout import layout_virtual_size
+
+        vpp = layout_virtual_size(args.pipeline_model_parallel_layout, pp)
+        if explicit_vpp is not None:
+            _need(explicit_vpp == (vpp or 1), f"--virtual-pipeline-model-parallel-size {explicit_vpp} disagrees with "
+                  f"the {vpp or 1} virtual stages per pipeline rank of --pipeline-model-parallel-layout")
     elif args.num_virtual_stages_per_pipeline_rank is not None:
         vpp = args.num_virtual_stages_per_pipeline_rank
         if explicit_vpp is not None:
@@ -311,13 +319,15 @@ def _validate_model(args: argparse.Namespace, user: set) -> None:
     tp = args.tensor_model_parallel_size
     # Activation: --hidden-act, or Megatron's switches.
     _need(not (args.swiglu and args.squared_relu), "--swiglu and --squared-relu exclude each other")
+    _need(not (args.quick_geglu and (args.swiglu or args.squared_relu)),
+          "--quick-geglu excludes --swiglu and --squared-relu")
     derived = "swiglu" if args.swiglu else "squared_relu" if args.squared_relu else \
-        "gelu_tanh" if args.openai_gelu else "gelu"
+        "quick_geglu" if args.quick_geglu else "gelu_tanh" if args.openai_gelu else "gelu"
     if args.hidden_act is None:
         args.hidden_act = derived
     elif derived != "gelu" and args.hidden_act != derived:
         raise ValueError(f"--hidden-act {args.hidden_act} contradicts the activation switch that selects "
-                         f"{derived!r} (--swiglu/--squared-relu/--openai-gelu); give one of them")
+                         f"{derived!r} (--swiglu/--squared-relu/--quick-geglu/--openai-gelu); give one of them")
     if args.ffn_hidden_size is None:
         # Megatron: SwiGLU's two input projections keep the parameter count near 4h, rounded to 64.
         args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64 if args.hidden_act == "swiglu" \
@@ -400,6 +410,25 @@ def _validate_model(args: argparse.Namespace, user: set) -> None:
     _validate_moe(args)
     if args.apply_query_key_layer_scaling:
         args.attention_softmax_in_fp32 = True
+
+
+def _validate_model_options(args: argparse.Namespace) -> None:
+    """Values of core_r0.19.0's model flags that mindtron cannot honour, and what Megatron derives from them
+    (flags refused whatever their value are flag_policy's)."""
+    _need(args.position_embedding_type not in ("mrope", "relative"),
+          f"--position-embedding-type {args.position_embedding_type} is not available in mindtron: multimodal RoPE "
+          "and T5's relative position buckets are not implemented; use learned_absolute, rope, yarn or none")
+    if args.no_weight_decay_cond_type == "apply_wd_to_qk_layernorm":
+        args.apply_wd_to_qk_layernorm = True
+    # Megatron seeds each data-parallel rank differently and broadcasts rank 0's weights: only the dropout
+    # masks change, and mindtron's masks come from one stream per tensor-parallel rank.
+    _need(not (args.data_parallel_random_init and (args.hidden_dropout > 0 or args.attention_dropout > 0)),
+          "--data-parallel-random-init with dropout is not available in mindtron: it would draw different dropout "
+          "masks on each data-parallel rank (the weights are the same anyway, initialised from --seed and each "
+          "parameter's name); drop the flag or set --hidden-dropout 0 --attention-dropout 0")
+    if args.swiglu and args.bias_swiglu_fusion and args.activation_func_clamp_value is not None:
+        warn_once("--activation-func-clamp-value", "--activation-func-clamp-value has no effect with --swiglu and "
+                  "the fused bias-SwiGLU (Megatron's default): pass --no-bias-swiglu-fusion to clamp")
 
 
 def _validate_moe(args: argparse.Namespace) -> None:

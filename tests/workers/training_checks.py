@@ -15,7 +15,7 @@ SEED, SEQ, VOCAB = 2024, 16, 128
 
 
 def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, overlap_param_gather=False,
-                model_options=None, ep=1, etp=None, **training) -> AllConfig:
+                model_options=None, dataset_options=None, ep=1, etp=None, **training) -> AllConfig:
     model = TransformerConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, seq_length=SEQ, num_layers=4,
                                         num_attention_heads=4, attention_dropout_rate=0.0, hidden_dropout_rate=0.0,
                                         sequence_parallel=sp, normalization="RMSNorm", hidden_act="swiglu",
@@ -27,7 +27,7 @@ def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, o
                                           "global_batch_size": 8, "log_interval": 5, "eval_interval": 5,
                                           "eval_iters": 2,
                                           **training}),
-        dataset_config=DatasetConfig(seq_length=SEQ),
+        dataset_config=DatasetConfig(seq_length=SEQ, **(dataset_options or {})),
         optimizer_config=OptimizerConfig(learning_rate=3e-3, min_lr=3e-4, lr_decay_style="cosine",
                                          lr_warmup_iters=2, clip_grad=1.0, weight_decay=0.01,
                                          overlap_param_gather=overlap_param_gather),
@@ -62,20 +62,43 @@ def train(config: AllConfig, on_finish=None) -> dict:
             "eval": list(trainer.eval_history)}
 
 
+def train_on(config: AllConfig, micro_batches: list) -> dict:
+    """pretrain() on the given micro-batches ({"text": [b, s + 1]} each) instead of a dataset."""
+    def model_provider(pre_process=True, post_process=True):
+        return GPTModel(config.model_config, pre_process=pre_process, post_process=post_process)
+
+    try:
+        trainer = pretrain(model_provider_func=model_provider, all_config=config, train_data_loader=micro_batches)
+    finally:
+        ps.destroy_model_parallel()
+    return {"loss": [r.loss for r in trainer.history]}
+
+
 def trainer_named(trainer) -> dict:
     from mindtron.training.checkpointing import named_parameters
     return named_parameters(trainer.model)
 
 
 def layouts(steps: int = 10) -> dict:
-    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2; and a
-    PP=2 run stopped, saved per stage and resumed."""
+    """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2; a
+    PP=2 run stopped, saved per stage and resumed; DP=2 (also with the distributed optimizer) and PP=2 with
+    the per-token loss."""
     return {"dp2": train(make_config(steps=steps)),
             "tp2": train(make_config(tp=2, steps=steps)),
             "tp2_sp": train(make_config(tp=2, sp=True, steps=steps)),
             "pp2": train(make_config(pp=2, steps=steps)),
             "pp2_vpp2": train(make_config(pp=2, vpp=2, steps=steps)),
-            "pp2_resume": resume(steps=8, save_at=4, pp=2)}
+            "pp2_resume": resume(steps=8, save_at=4, pp=2),
+            "dp2_per_token": train(per_token_config()),
+            "dp2_per_token_distopt": train(per_token_config(use_distributed_optimizer=True)),
+            "pp2_per_token": train(per_token_config(pp=2))}
+
+
+def per_token_config(**layout) -> AllConfig:
+    """--calculate-per-token-loss with EOD tokens left out of the loss (--eod-mask-loss), so micro-batches
+    count different numbers of tokens."""
+    return make_config(steps=4, eval_interval=2, model_options={"calculate_per_token_loss": True},
+                       dataset_options={"eod_mask_loss": True}, **layout)
 
 
 def layouts_3(steps: int = 10) -> dict:

@@ -100,6 +100,7 @@ class GradBufferConfig:
     shard: bool = False                        # --use-distributed-optimizer: reduce-scatter
     check_for_nan: bool = False                # --check-for-nan-in-loss-and-grad
     pad_to: int = 1                            # enable_mem_align: bucket sizes rounded up to this many elements
+    average: bool = True                       # mean over the reduction group; False sums (per-token loss)
 
 
 class GradBuffer:
@@ -221,12 +222,16 @@ class GradBuffer:
             data = comm.all_reduce(data, ps.get_tensor_model_parallel_group())
         elif b.kind == "embedding" and ps.is_rank_in_embedding_group(ignore_virtual=True):
             data = comm.all_reduce(data, ps.get_embedding_group())
-        size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        # every gradient is divided by the data-parallel size (x cp), experts' too (see the module docstring);
+        # with --calculate-per-token-loss (average False) they are only summed
+        size = ps.get_data_parallel_world_size(with_context_parallel=True) if self.config.average else 1
         if self.config.shard:
-            b.shard = (comm.reduce_scatter(data, b.group) if b.group.size > 1 else data) / size
+            b.shard = comm.reduce_scatter(data, b.group) if b.group.size > 1 else data
+            b.shard = b.shard / size if size > 1 else b.shard
             b.data = None
         else:
-            b.data = (comm.all_reduce(data, b.group) if b.group.size > 1 else data) / size
+            b.data = comm.all_reduce(data, b.group) if b.group.size > 1 else data
+            b.data = b.data / size if size > 1 else b.data
         b.reduced = True
 
     def _check_finite(self, b: Bucket) -> None:

@@ -36,6 +36,14 @@ from mindtron.parallel_core.tensor_parallel.utils import expand_last
 from mindtron.parallel_core.moe.mappings import gather_rows
 
 
+def _per_expert(init_method):
+    """An init method for stacked expert weights [experts, out, in]: each expert drawn as its own matrix, as
+    Megatron initialises each expert's linear layer (fan-in and fan-out are those of one expert)."""
+    def init(rng, shape):
+        return np.stack([init_method(rng, tuple(shape[1:])) for _ in range(shape[0])])
+    return init
+
+
 def _expert_parameter(full_shape, partition_dim, stride, etp_group, ep_group, init_method, dtype):
     spec = ShardSpec(tuple(full_shape), partition_dim, stride, etp_group.size, max(etp_group.rank, 0),
                      init_method, ep_group.size, max(ep_group.rank, 0))
@@ -59,8 +67,7 @@ class Experts(nn.Cell):
         self.activation, self.moe = activation, moe
         params, self.compute_dtype = config.dtype("params_dtype"), config.dtype("compute_dtype")
         width = ffn * (2 if gated else 1)
-        init = tp.init_method_normal(config.init_method_std)
-        out_init = tp.scaled_init_method_normal(config.init_method_std, config.num_layers)
+        init, out_init = _per_expert(config.init_method()), _per_expert(config.output_layer_init_method())
         self.dense_h_to_4h = _Weights(
             _expert_parameter((E, width, h), 1, 2 if gated else 1, etp_group, ep_group, init, params),
             _expert_parameter((E, width), 1, 2 if gated else 1, etp_group, ep_group, tp.constant_init_method(0.0),

@@ -4,7 +4,9 @@
 
 (`[s/tp, b, h]` under sequence parallelism: each tensor-parallel rank routes its own part of the sequence.)
 The layer does not know the model: the model passes its activation, whether it is gated (SwiGLU), and
-builds the shared expert (a plain MLP of width --moe-shared-expert-intermediate-size) itself.
+builds the shared expert (a plain MLP of width --moe-shared-expert-intermediate-size) itself. From the model's
+config it reads sizes, dtypes, sequence_parallel, add_bias_linear and the init methods (init_method(),
+output_layer_init_method()).
 Parameter names: router.weight (router.bias, router.expert_bias), experts.dense_h_to_4h.weight,
 experts.dense_4h_to_h.weight (and biases), shared_experts.* and shared_experts.gate_weight.
 """
@@ -42,7 +44,7 @@ class MoELayer(nn.Cell):
         self.shared_gate = shared_mlp is not None and moe.moe_shared_expert_gate
         if self.shared_gate:  # named shared_experts.gate_weight, as in Megatron
             shared_mlp.gate_weight = tp.replicated_parameter(
-                (1, config.hidden_size), tp.init_method_normal(config.init_method_std),
+                (1, config.hidden_size), config.init_method(),
                 config.dtype("params_dtype"), sequence_parallel=bool(config.sequence_parallel))
         self.matmul = ops.MatMul(transpose_b=True)
         if moe.moe_layer_recompute:

@@ -96,8 +96,8 @@ class TopKRouter(nn.Cell):
         self.moe, self.layer_number, self.num_layers = moe, layer_number, config.num_layers
         E, h = moe.num_experts, config.hidden_size
         sp = bool(config.sequence_parallel)
-        self.weight = tp.replicated_parameter((E, h), tp.init_method_normal(config.init_method_std),
-                                              ms.float32, sequence_parallel=sp)
+        self.weight = tp.replicated_parameter((E, h), config.init_method(), ms.float32, sequence_parallel=sp)
+        # Megatron draws the router bias with the weights' init method
         self.bias = (tp.replicated_parameter((E,), tp.init_method_normal(config.init_method_std), ms.float32,
                                              sequence_parallel=sp) if config.add_bias_linear else None)
         self.expert_bias = None
@@ -108,6 +108,14 @@ class TopKRouter(nn.Cell):
         self.global_tokens_per_expert = np.zeros(E, np.float64)  # global_aux_loss: this step's running sum
         self.global_aux_steps = 0
         self.matmul = ops.MatMul(transpose_b=True)
+        # --calculate-per-token-loss divides every gradient by the global batch's token count: the attached
+        # losses are pre-multiplied by this rank's share of it, so their gradients keep Megatron's scale
+        self.per_token_loss = bool(getattr(config, "calculate_per_token_loss", False))
+
+    def _attach(self, x: Tensor, loss: Tensor, num_tokens: int) -> Tensor:
+        if self.per_token_loss:
+            loss = loss * float(num_tokens * ps.get_tensor_and_context_parallel_group().size)
+        return attach_aux_loss(x, loss)
 
     # ---- pieces -------------------------------------------------------------------------------------
     def gating(self, hidden: Tensor) -> Tensor:
@@ -141,7 +149,7 @@ class TopKRouter(nn.Cell):
         z_loss = ops.square(ops.logsumexp(logits.astype(ms.float32), -1, False)).mean() * coeff
         if counting():
             get_moe_metrics_tracker().record("z_loss", z_loss / coeff, self.layer_number, self.num_layers)
-        return attach_aux_loss(logits, z_loss)
+        return self._attach(logits, z_loss, logits.shape[0])
 
     def _scores_and_choice(self, logits: Tensor) -> Tuple[Tensor, np.ndarray]:
         """Weights of the chosen experts [T, k] (fp32, differentiable) and their indices [T, k]."""
@@ -245,7 +253,7 @@ class TopKRouter(nn.Cell):
             counts = _sum_counts(routing.sum(0), tp_cp)
             total = s * b * tp_cp.size
             aux = _switch_loss(scores, counts, total, k, E, coeffs["aux_loss"])
-            probs = attach_aux_loss(probs, aux)
+            probs = self._attach(probs, aux, s * b)
             if track:
                 tracker.record("load_balancing_loss", aux / coeffs["aux_loss"], self.layer_number, self.num_layers)
         if coeffs["seq_aux_loss"] > 0:
@@ -253,7 +261,7 @@ class TopKRouter(nn.Cell):
             seq_scores = scores.reshape(s, b * E)
             counts = _sum_counts(routing.reshape(s, b * E).sum(0), tp_cp)
             aux = _switch_loss(seq_scores, counts, s * tp_cp.size, k, E, coeffs["seq_aux_loss"]) / b
-            probs = attach_aux_loss(probs, aux)
+            probs = self._attach(probs, aux, s * b)
             if track:
                 tracker.record("seq_load_balancing_loss", aux / coeffs["seq_aux_loss"], self.layer_number,
                                self.num_layers)
@@ -265,7 +273,7 @@ class TopKRouter(nn.Cell):
                 self.global_aux_steps += 1
             average = self.global_tokens_per_expert / max(self.global_aux_steps, 1)
             aux = _switch_loss(scores, average, s * b * tp_dp_cp.size, k, E, coeffs["global_aux_loss"])
-            probs = attach_aux_loss(probs, aux)
+            probs = self._attach(probs, aux, s * b)
             if track:
                 tracker.record("global_load_balancing_loss", aux / coeffs["global_aux_loss"], self.layer_number,
                                self.num_layers)

@@ -52,10 +52,11 @@ class DistributedOptimizer:
                              "the model is smaller than the data-parallel size; drop --use-distributed-optimizer")
         self.main_params: List[Parameter] = []
         decayed = {}
+        qk_wd = getattr(config, "apply_wd_to_qk_layernorm", False)
         for i, _, start, end, _ in self.pieces:
             p = self.params[i]
             main = main_copy(p, p.reshape(-1)[start:end], p.name + _SUFFIX)
-            decayed[id(main)] = not param_is_not_decayed(p.name, p)
+            decayed[id(main)] = not param_is_not_decayed(p.name, p, qk_wd)
             self.main_params.append(main)
         self.optimizer = get_megatron_optimizer(config, self.main_params,
                                                 no_decay=lambda m: not decayed[id(m)])
@@ -203,4 +204,5 @@ def _expert_offset(param: Parameter) -> Tuple[int, int]:
 
 
 def _group_kind(group: dict) -> str:
-    return "decay" if group.get("wd_mult", 1.0) else "no_decay"
+    kind = "decay" if group.get("wd_mult", 1.0) else "no_decay"
+    return kind + ("_decoupled" if group.get("is_decoupled_lr") else "")

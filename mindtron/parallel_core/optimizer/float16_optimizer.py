@@ -19,7 +19,8 @@ from mindtron.parallel_core.optimizer.optimizer import (get_megatron_optimizer, 
 
 MAIN_PREFIX = "fp32_main"
 # attributes the norm, the reductions and the weight-decay rule read from a parameter
-_FLAGS = ("tensor_model_parallel", "shared_embedding", "shared", "sequence_parallel", "allreduce")
+_FLAGS = ("tensor_model_parallel", "shared_embedding", "shared", "sequence_parallel", "allreduce",
+          "is_embedding_or_output_parameter")
 
 
 def main_copy(param: Parameter, value: Tensor, name: str) -> Parameter:
@@ -42,7 +43,8 @@ class Float16Optimizer:
         self.params = list(params)
         self.main_params: List[Parameter] = [p if p.dtype == ms.float32 else main_copy(p, p, p.name)
                                              for p in self.params]
-        decayed = {id(m): not param_is_not_decayed(p.name, p) for p, m in zip(self.params, self.main_params)}
+        qk_wd = getattr(config, "apply_wd_to_qk_layernorm", False)
+        decayed = {id(m): not param_is_not_decayed(p.name, p, qk_wd) for p, m in zip(self.params, self.main_params)}
         self.optimizer = get_megatron_optimizer(config, self.main_params, no_decay=lambda m: not decayed[id(m)])
 
     @property

@@ -37,30 +37,55 @@ if TYPE_CHECKING:  # mindtron.training imports this package: a run-time import w
     from mindtron.training.config import OptimizerConfig
 
 __all__ = ["MegatronAdamW", "MegatronSGD", "get_megatron_param_groups", "get_megatron_optimizer",
-           "optimizer_state_dict", "load_optimizer_state_dict", "param_is_not_decayed"]
+           "optimizer_state_dict", "load_optimizer_state_dict", "param_is_not_decayed", "param_has_decoupled_lr"]
 
 
-def param_is_not_decayed(name: str, param: Parameter) -> bool:
-    """Megatron's rule: biases and every 1-D parameter (norm weights) get no weight decay."""
-    return name.endswith(".bias") or len(param.shape) == 1
+def param_is_not_decayed(name: str, param: Parameter, apply_wd_to_qk_layernorm: bool = False) -> bool:
+    """Megatron's rule: biases and every 1-D parameter (norm weights) get no weight decay; with
+    `apply_wd_to_qk_layernorm` (--apply-wd-to-qk-layernorm, Qwen3-Next) the query/key norms do."""
+    exempt = name.endswith(".bias") or len(param.shape) == 1
+    if apply_wd_to_qk_layernorm and ("q_layernorm." in name or "k_layernorm." in name):
+        return False
+    return exempt
+
+
+def param_has_decoupled_lr(param: Parameter) -> bool:
+    """Whether --decoupled-lr applies: the word embedding and output-layer weights (Megatron-Core's
+    `is_embedding_or_output_parameter`, which GPTModel sets)."""
+    return bool(getattr(param, "is_embedding_or_output_parameter", False))
 
 
 def get_megatron_param_groups(params: Sequence[Parameter], weight_decay: float, lr: float,
-                              no_decay: Optional[Callable[[Parameter], bool]] = None) -> List[dict]:
+                              no_decay: Optional[Callable[[Parameter], bool]] = None,
+                              decoupled_lr: Optional[float] = None,
+                              decoupled_min_lr: Optional[float] = None) -> List[dict]:
     """The decay group (wd_mult 1.0) and the no-decay group (wd_mult 0.0); empty groups are left out.
 
     Each group carries Megatron's `wd_mult` and `lr_mult` so the scheduler can set its lr and weight decay.
     `no_decay(param)` replaces Megatron's rule (the distributed optimizer decides by the full parameter).
+    With `decoupled_lr` (--decoupled-lr) the embedding and output-layer weights form their own groups whose
+    schedule peaks at `decoupled_lr` and ends at `decoupled_min_lr` (--decoupled-min-lr; default: the
+    scheduler's --min-lr), after the default groups, as Megatron-Core orders them.
     """
     exempt = no_decay or (lambda p: param_is_not_decayed(p.name, p))
-    decay, no_decay_params = [], []
+    members: dict = {}
     for p in params:
-        (no_decay_params if exempt(p) else decay).append(p)
+        decoupled = decoupled_lr is not None and param_has_decoupled_lr(p)
+        members.setdefault((decoupled, not exempt(p)), []).append(p)
     groups = []
-    for members, wd_mult in ((decay, 1.0), (no_decay_params, 0.0)):
-        if members:
-            groups.append({"params": members, "lr": float(lr), "weight_decay": float(weight_decay) * wd_mult,
-                           "wd_mult": wd_mult, "lr_mult": 1.0})
+    for decoupled in (False, True):
+        for decayed, wd_mult in ((True, 1.0), (False, 0.0)):
+            group_params = members.get((decoupled, decayed))
+            if not group_params:
+                continue
+            group = {"params": group_params, "lr": float(decoupled_lr if decoupled else lr),
+                     "weight_decay": float(weight_decay) * wd_mult, "wd_mult": wd_mult, "lr_mult": 1.0,
+                     "is_decoupled_lr": decoupled}
+            if decoupled:
+                group["max_lr"] = float(decoupled_lr)
+                if decoupled_min_lr is not None:
+                    group["min_lr"] = float(decoupled_min_lr)
+            groups.append(group)
     return groups
 
 
@@ -155,10 +180,12 @@ class MegatronSGD(_MegatronOrder, SGD):
 
 def get_megatron_optimizer(config: OptimizerConfig, params: Sequence[Parameter], lr: Optional[float] = None,
                            no_decay: Optional[Callable[[Parameter], bool]] = None):
-    """AdamW ("adam") or SGD ("sgd") over `params` with Megatron's decay / no-decay groups.
+    """AdamW ("adam") or SGD ("sgd") over `params` with Megatron's decay / no-decay groups (and the
+    --decoupled-lr groups of the embedding and output layer).
 
     `lr` overrides `config.learning_rate` (the scheduler sets it every step anyway); `no_decay` overrides the
-    no-weight-decay rule. Step it with `optimizer(grads)`, a tuple of gradients aligned with `params`.
+    no-weight-decay rule (default: Megatron's, with `config.apply_wd_to_qk_layernorm`). Step it with
+    `optimizer(grads)`, a tuple of gradients aligned with `params`.
     """
     params = list(params)
     if not params:
@@ -173,7 +200,14 @@ def get_megatron_optimizer(config: OptimizerConfig, params: Sequence[Parameter],
         raise ValueError("no learning rate: set --lr (OptimizerConfig.learning_rate) or pass lr")
     if config.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    groups = get_megatron_param_groups(params, config.weight_decay, lr, no_decay)
+    if no_decay is None:
+        qk_wd = getattr(config, "apply_wd_to_qk_layernorm", False)
+        no_decay = lambda p: param_is_not_decayed(p.name, p, qk_wd)  # noqa: E731
+    decoupled_lr = getattr(config, "decoupled_lr", None)
+    if decoupled_lr is not None and decoupled_lr < 0:
+        raise ValueError(f"--decoupled-lr must be >= 0, got {decoupled_lr}")
+    groups = get_megatron_param_groups(params, config.weight_decay, lr, no_decay, decoupled_lr,
+                                       getattr(config, "decoupled_min_lr", None))
     kind = config.optimizer_type.lower()
     if kind in ("adam", "adamw"):
         beta1, beta2 = config.betas

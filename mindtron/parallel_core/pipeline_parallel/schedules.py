@@ -117,11 +117,18 @@ class _GradSum:
         return [g for total in self.totals for g in total]
 
 
+def _loss_weight(loss_scale: float, num_microbatches: int, calculate_per_token_loss: bool) -> float:
+    # Megatron divides each micro-batch's (mean) loss by the micro-batch count; a per-token loss (a sum
+    # over tokens) is divided by the global batch's token count after the reduction instead.
+    return loss_scale if calculate_per_token_loss else loss_scale / num_microbatches
+
+
 def forward_backward_no_pipelining(step: Callable, batches: Iterator, params: Sequence, num_microbatches: int,
                                    loss_scale: float = 1.0, forward_only: bool = False, grad_sink=None,
-                                   **_) -> ScheduleResult:
-    """Micro-batch accumulation on one stage: loss / num_microbatches, gradients summed."""
-    runner = StageRunner(step, params, loss_scale / num_microbatches)
+                                   calculate_per_token_loss: bool = False, **_) -> ScheduleResult:
+    """Micro-batch accumulation on one stage: loss / num_microbatches (the loss itself with
+    `calculate_per_token_loss`), gradients summed."""
+    runner = StageRunner(step, params, _loss_weight(loss_scale, num_microbatches, calculate_per_token_loss))
     losses, total = [], _GradSum(1, num_microbatches, grad_sink)
     for _ in range(num_microbatches):
         batch = next(batches)
@@ -138,7 +145,7 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
                                                      num_microbatches: int, tensor_shape: Sequence[int],
                                                      dtype=ms.float32, loss_scale: float = 1.0,
                                                      forward_only: bool = False, grad_sink=None,
-                                                     **_) -> ScheduleResult:
+                                                     calculate_per_token_loss: bool = False, **_) -> ScheduleResult:
     """1F1B: warm-up forwards, then one forward and one backward each step, then cool-down backwards.
 
     Stage r runs min(pp - r - 1, m) warm-up forwards, so it holds at most pp - r micro-batch inputs.
@@ -146,7 +153,7 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
     rank = ps.get_pipeline_model_parallel_rank()
     size = ps.get_pipeline_model_parallel_world_size()
     last = ps.is_pipeline_last_stage()
-    runner = StageRunner(step, params, loss_scale / num_microbatches)
+    runner = StageRunner(step, params, _loss_weight(loss_scale, num_microbatches, calculate_per_token_loss))
     warmup = min(size - rank - 1, num_microbatches)
     steady = num_microbatches - warmup
     pending = collections.deque()  # (batch, input) of micro-batches whose backward is still to come
@@ -224,7 +231,7 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
                                                   num_microbatches: int, tensor_shape: Sequence[int],
                                                   dtype=ms.float32, loss_scale: float = 1.0,
                                                   forward_only: bool = False, grad_sink=None,
-                                                  **_) -> ScheduleResult:
+                                                  calculate_per_token_loss: bool = False, **_) -> ScheduleResult:
     """Interleaved 1F1B over v model chunks per rank (Megatron's virtual pipeline schedule).
 
     `params[c]` are chunk c's parameters and `step(batch, input_tensor, chunk=c)` its forward. Virtual
@@ -239,8 +246,8 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
                          f"a multiple of --pipeline-model-parallel-size {p}; change --global-batch-size")
     total = num_microbatches * v
     first_rank, last_rank = rank == 0, rank == p - 1
-    runners = [StageRunner(lambda b, x, c=c: step(b, x, chunk=c), params[c], loss_scale / num_microbatches)
-               for c in range(v)]
+    weight = _loss_weight(loss_scale, num_microbatches, calculate_per_token_loss)
+    runners = [StageRunner(lambda b, x, c=c: step(b, x, chunk=c), params[c], weight) for c in range(v)]
     all_warmup = num_microbatches == p
     warmup = total if (forward_only or all_warmup) else min((p - rank - 1) * 2 + (v - 1) * p, total)
     steady = total - warmup

@@ -5,7 +5,7 @@ from mindtron.parallel_core.tensor_parallel.initialization import (
     ShardSpec, constant_init_method, full_initial_value, init_method_normal, initialize_parameters,
     scaled_init_method_normal, xavier_uniform_init_method)
 from mindtron.parallel_core.tensor_parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_parameter)
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_parameter, split_parameter)
 from mindtron.parallel_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,

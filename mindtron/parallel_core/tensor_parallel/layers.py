@@ -39,6 +39,13 @@ def _parallel_parameter(full_shape, partition_dim, stride, group, init_method, d
     return param
 
 
+def split_parameter(full_shape, partition_dim: int, init_method: InitMethod, dtype=ms.float32,
+                    group: Optional[ProcessGroup] = None) -> Parameter:
+    """A parameter split along `partition_dim` over the tensor-parallel group: rank r holds slice r of the
+    full tensor (e.g. one value per attention head of this rank)."""
+    return _parallel_parameter(full_shape, partition_dim, 1, _tp_group(group), init_method, dtype)
+
+
 def replicated_parameter(full_shape, init_method: InitMethod, dtype=ms.float32,
                          sequence_parallel: bool = False) -> Parameter:
     """A parameter every tensor-parallel rank holds whole (norm weights, position embeddings).
