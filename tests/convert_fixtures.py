@@ -235,8 +235,132 @@ def megatron_core_args(cfg, tp: int, pp: int, enums, **extra) -> dict:
     return args
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Mixture of Experts, as Megatron-Core lays it out
+# --------------------------------------------------------------------------------------------------------
+MOE_MODELS = {
+    # Mixtral-like: every layer MoE, softmax top-2, SwiGLU experts, no biases
+    "mixtral": ("llama", dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24)),
+    # DeepSeek-like: first layer dense, sigmoid scores with an expert bias, a gated shared expert
+    "deepseek": ("llama", dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_layer_freq=[0, 1],
+                               moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                               moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True)),
+    # GPT-2 style: LayerNorm, GeLU, biases in the router and the experts, every other layer MoE
+    "gpt2_moe": ("gpt2", dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_layer_freq=2)),
+}
+MOE_PARTS = (".mlp.router.", ".mlp.experts.", ".mlp.shared_experts.")
+
+
+def moe_config(name: str, **overrides):
+    """A tiny MoE model config (MOE_MODELS) with compiled-layer free layers."""
+    from mindtron.parallel_core.moe import MoEConfig
+    base, moe = MOE_MODELS[name]
+    return config(base, moe_config=MoEConfig(**moe), **overrides)
+
+
+def _glu_split(array: np.ndarray, parts: int, axis: int, swiglu: bool):
+    """Column-parallel rows split over `parts` ranks; with SwiGLU each rank holds its [gate_r; up_r]."""
+    if not swiglu:
+        return np.split(array, parts, axis)
+    gate, up = np.split(array, 2, axis)
+    return [np.concatenate([g, u], axis) for g, u in zip(np.split(gate, parts, axis), np.split(up, parts, axis))]
+
+
+def megatron_moe_models(cfg, weights: Dict[str, np.ndarray], tp: int, pp: int, ep: int, etp: int = None,
+                        experts: str = "sequential") -> Dict[Tuple[int, int, int], dict]:
+    """(tensor rank, pipeline rank, expert rank) -> Megatron-Core model state dict of that rank's file (Transformer
+    Engine names). Dense weights are repeated in every expert rank's file; expert rank r holds global experts
+    r x E/ep ... as local experts 0.., each split over the expert tensor-parallel ranks (file of tensor rank t:
+    shard t % etp). `experts`: "sequential" (local_experts.I.linear_fcK), "grouped" (legacy GroupedMLP weight1/
+    weight2) or "te_grouped" (TEGroupedMLP linear_fcK.weightI)."""
+    etp = tp if etp is None else etp
+    moe = cfg.moe_config
+    swiglu = cfg.hidden_act == "swiglu"
+    per_stage, local_experts = cfg.num_layers // pp, moe.num_experts // ep
+    dense = {k: v for k, v in weights.items() if not any(part in k for part in MOE_PARTS)}
+    dense_models = {k: core_model_state(v) for k, v in megatron_shards(cfg, dense, tp, pp).items()}
+    out = {}
+    for (t, p), base in dense_models.items():
+        for e in range(ep):
+            model = dict(base)
+            for local in range(per_stage):
+                layer = p * per_stage + local
+                if not moe.is_moe_layer(layer, cfg.num_layers):
+                    continue
+                prefix, source = f"decoder.layers.{local}.", f"{LAYER}{layer}.mlp."
+                # an MoE layer's norm is its own module (Transformer Engine fuses it into no linear layer)
+                for part in ("weight", "bias"):
+                    if f"{prefix}mlp.linear_fc1.layer_norm_{part}" in model:
+                        norm = model.pop(f"{prefix}mlp.linear_fc1.layer_norm_{part}")
+                        model[f"{prefix}pre_mlp_layernorm.{part}"] = norm
+                for module in ("mlp.linear_fc1", "mlp.linear_fc2"):
+                    model.pop(f"{prefix}{module}._extra_state")
+                for part in ("weight", "bias", "expert_bias"):
+                    if source + f"router.{part}" in weights:
+                        model[f"{prefix}mlp.router.{part}"] = weights[source + f"router.{part}"]
+                if source + "shared_experts.dense_h_to_4h.weight" in weights:
+                    fc1 = _glu_split(weights[source + "shared_experts.dense_h_to_4h.weight"], tp, 0, swiglu)[t]
+                    fc2 = np.split(weights[source + "shared_experts.dense_4h_to_h.weight"], tp, 1)[t]
+                    model[f"{prefix}mlp.shared_experts.linear_fc1.weight"] = np.ascontiguousarray(fc1)
+                    model[f"{prefix}mlp.shared_experts.linear_fc2.weight"] = np.ascontiguousarray(fc2)
+                    for module in ("linear_fc1", "linear_fc2"):
+                        model[f"{prefix}mlp.shared_experts.{module}._extra_state"] = io.BytesIO(b"fp8-meta")
+                    if source + "shared_experts.gate_weight" in weights:
+                        gate = weights[source + "shared_experts.gate_weight"]
+                        model[f"{prefix}mlp.shared_experts.gate_weight"] = gate
+                mine = range(e * local_experts, (e + 1) * local_experts)
+                shard = t % etp
+                fc1 = [_glu_split(weights[source + "experts.dense_h_to_4h.weight"][g], etp, 0, swiglu)[shard]
+                       for g in mine]
+                fc2 = [np.split(weights[source + "experts.dense_4h_to_h.weight"][g], etp, 1)[shard] for g in mine]
+                b1 = [_glu_split(weights[source + "experts.dense_h_to_4h.bias"][g], etp, 0, swiglu)[shard] for g in mine
+                      ] if source + "experts.dense_h_to_4h.bias" in weights else None
+                b2 = [weights[source + "experts.dense_4h_to_h.bias"][g] for g in mine] \
+                    if source + "experts.dense_4h_to_h.bias" in weights else None
+                if experts == "grouped":  # GroupedMLP's buffers, viewed per expert as [h, ffn] and [ffn, h]
+                    assert b1 is None, "GroupedMLP has no biases"
+                    h = cfg.hidden_size
+                    model[f"{prefix}mlp.experts.weight1"] = np.stack([w.T for w in fc1]).reshape(h, -1)
+                    model[f"{prefix}mlp.experts.weight2"] = np.stack([w.T for w in fc2]).reshape(-1, h)
+                for i in range(local_experts):
+                    pieces = {"linear_fc1.weight": fc1[i], "linear_fc2.weight": fc2[i]}
+                    if b1 is not None:
+                        pieces.update({"linear_fc1.bias": b1[i], "linear_fc2.bias": b2[i]})
+                    for key, value in pieces.items():
+                        module, part = key.split(".")
+                        if experts == "sequential":
+                            model[f"{prefix}mlp.experts.local_experts.{i}.{key}"] = np.ascontiguousarray(value)
+                            model[f"{prefix}mlp.experts.local_experts.{i}.{module}._extra_state"] = io.BytesIO(b"m")
+                        elif experts == "te_grouped":
+                            model[f"{prefix}mlp.experts.{module}.{part}{i}"] = np.ascontiguousarray(value)
+                if experts == "te_grouped":
+                    for module in ("linear_fc1", "linear_fc2"):
+                        model[f"{prefix}mlp.experts.{module}._extra_state"] = io.BytesIO(b"fp8-meta")
+            out[(t, p, e)] = model
+    return out
+
+
+def megatron_moe_args(cfg, tp: int, pp: int, ep: int, etp: int = None, experts: str = "sequential", **extra) -> dict:
+    """megatron_args of an MoE run: Megatron's MoE arguments (lists where Megatron's parser makes them) and the
+    expert layout."""
+    moe = cfg.moe_config
+    args = megatron_args(cfg, tp, pp, num_experts=moe.num_experts, moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+                         moe_router_topk=moe.moe_router_topk, moe_layer_freq=moe.moe_layer_freq,
+                         moe_router_score_function=moe.moe_router_score_function,
+                         moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+                         moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+                         moe_shared_expert_gate=moe.moe_shared_expert_gate,
+                         moe_router_load_balancing_type=["aux_loss"], moe_aux_loss_coeff=[0.01],
+                         moe_token_dispatcher_type="alltoall", moe_grouped_gemm=experts != "sequential",
+                         moe_use_legacy_grouped_gemm=experts == "grouped", expert_model_parallel_size=ep,
+                         expert_tensor_parallel_size=tp if etp is None else etp, sequence_parallel=tp > 1)
+    args.update(extra)
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,7 +368,8 @@ def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
 # --------------------------------------------------------------------------------------------------------
 def save_with_torch(root: Path, models: Dict[Tuple[int, int], dict], args: dict, iteration: int = 20,
                     version=3.0, release: bool = False, dtype: str = "float32", extras: bool = True) -> Path:
-    """Write one model_optim_rng.pt per rank with torch.save, as Megatron's save_checkpoint does."""
+    """Write one model_optim_rng.pt per rank ((tensor, pipeline[, expert]) rank -> model) with torch.save, as
+    Megatron's save_checkpoint does."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
@@ -256,10 +381,12 @@ def save_with_torch(root: Path, models: Dict[Tuple[int, int], dict], args: dict,
             return {k: to_torch(v) for k, v in obj.items()}
         return obj
 
-    pp = 1 + max(p for _, p in models)
+    pp = 1 + max(k[1] for k in models)
     directory = root / ("release" if release else f"iter_{iteration:07d}")
     namespace = argparse.Namespace(**args, params_dtype=torch_dtype)
-    for (t, p), model in models.items():
+    ep = 1 + max(k[2] if len(k) > 2 else 0 for k in models)
+    for key, model in models.items():
+        t, p = key[:2]
         state = {"args": namespace, "iteration": iteration, "model": to_torch(model)}
         if version:  # version 0 checkpoints predate the field
             state["checkpoint_version"] = version
@@ -268,7 +395,7 @@ def save_with_torch(root: Path, models: Dict[Tuple[int, int], dict], args: dict,
             state["opt_param_scheduler"] = {"num_steps": 640}
             state["rng_state"] = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
                                    "torch_rng_state": torch.get_rng_state()}]
-        path = directory / rank_dir(t, p, pp) / "model_optim_rng.pt"
+        path = directory / rank_dir(t, p, pp, key[2] if len(key) > 2 else 0, ep) / "model_optim_rng.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
     (root / "latest_checkpointed_iteration.txt").write_text("release" if release else str(iteration))

@@ -1,8 +1,8 @@
 """Megatron's torch_dist format: checkpoints written by PyTorch's torch.distributed.checkpoint as Megatron-Core
 writes them (tests/convert_dist.py), in one process and by 2 processes joined by gloo (tensor-parallel shards,
 pipeline stages, expert-parallel experts as chunks of the global tensors), read without PyTorch and converted
-to mindtron with the source's logits; Mixture-of-Experts tensors read with their global shapes and refused
-by the conversion; mindtron written back as torch_dist (read by PyTorch's DCP itself, and round-tripping)."""
+to mindtron with the source's logits (a Mixture-of-Experts model written at EP=2 included, its experts read
+with their global shapes); mindtron written back as torch_dist (read by PyTorch's DCP itself, and round-tripping)."""
 import argparse
 import io
 import json
@@ -39,26 +39,33 @@ def common_bytes(cfg, tp, pp, iteration=20):
         return D.saved_bytes([state]).getvalue(), D.saved_bytes(state).getvalue()
 
 
-MOE = dict(layers=2, experts=4, hidden=32, ffn=16, vocab=64)
+def moe_model():
+    """A Mixtral-style model with a gated shared expert and sigmoid routing with an expert bias, every layer MoE."""
+    from mindtron.parallel_core.moe import MoEConfig
+    return F.config("llama", moe_config=MoEConfig(
+        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True))
 
 
-def moe_tensors(seed=0):
-    """A Mixtral-style layer stack as torch_dist stores it: stacked experts [L, E, ...], router [L, E, h],
-    expert bias [L, E], shared experts, plus the dense parts around them."""
-    m, rng = MOE, np.random.default_rng(seed)
-    L, E, h, f = m["layers"], m["experts"], m["hidden"], m["ffn"]
-    experts = {"decoder.layers.mlp.router.weight": (L, E, h), "decoder.layers.mlp.router.expert_bias": (L, E),
-               "decoder.layers.mlp.experts.experts.linear_fc1.weight": (L, E, 2 * f, h),
-               "decoder.layers.mlp.experts.experts.linear_fc2.weight": (L, E, h, f),
-               "decoder.layers.mlp.shared_experts.linear_fc1.weight": (L, 2 * f, h)}
-    dense = {"embedding.word_embeddings.weight": (m["vocab"], h), "decoder.final_layernorm.weight": (h,)}
+def moe_tensors(cfg, weights):
+    """The model as torch_dist stores it (written here from the format's description): stacked experts [L, E, ...]
+    by global index, router [L, E, h], expert bias [L, E], shared experts [L, ...] ("experts"), and the dense parts
+    by per-layer keys, an MoE layer's norm as pre_mlp_layernorm (Transformer Engine), which the writer stacks
+    ("dense")."""
+    L, layer = cfg.num_layers, "language_model.encoder.layers.{}.mlp."
+    parts = {"router.weight": "mlp.router.weight", "router.expert_bias": "mlp.router.expert_bias",
+             "experts.dense_h_to_4h.weight": "mlp.experts.experts.linear_fc1.weight",
+             "experts.dense_4h_to_h.weight": "mlp.experts.experts.linear_fc2.weight",
+             "shared_experts.dense_h_to_4h.weight": "mlp.shared_experts.linear_fc1.weight",
+             "shared_experts.dense_4h_to_h.weight": "mlp.shared_experts.linear_fc2.weight",
+             "shared_experts.gate_weight": "mlp.shared_experts.gate_weight"}
+    experts = {f"decoder.layers.{key}": np.stack([weights[layer.format(i) + part] for i in range(L)])
+               for part, key in parts.items()}
+    dense = whole_core({k: v for k, v in weights.items() if not any(p in k for p in F.MOE_PARTS)})
     for i in range(L):
-        dense.update({f"decoder.layers.{i}.self_attention.linear_qkv.weight": (3 * h, h),
-                      f"decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight": (h,),
-                      f"decoder.layers.{i}.self_attention.linear_proj.weight": (h, h),
-                      f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight": (h,)})
-    draw = lambda shapes: {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}  # noqa: E731
-    return draw(experts), draw(dense)
+        norm = dense.pop(f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight")
+        dense[f"decoder.layers.{i}.pre_mlp_layernorm.weight"] = norm
+    return experts, dense
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +75,19 @@ def two_process_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist2")
     llama, gpt2 = F.config("llama"), F.config("gpt2", num_layers=4)
     llama_w, gpt2_w = F.random_weights(llama, 21), F.random_weights(gpt2, 22)
-    experts, dense = moe_tensors()
+    moe_cfg = moe_model()
+    moe_w = F.random_weights(moe_cfg, 26)
+    experts, dense = moe_tensors(moe_cfg, moe_w)
+    moe_args = argparse.Namespace(**F.megatron_moe_args(moe_cfg, 1, 1, 2, ckpt_format="torch_dist"))
     jobs = [dict(root=str(root / "llama_tp2"), iteration=20, common=common_bytes(llama, 2, 1)[0],
                  whole=whole_core(llama_w), num_layers=llama.num_layers, swiglu=True, tp=2, pp=1),
             dict(root=str(root / "gpt2_pp2"), iteration=30, common=common_bytes(gpt2, 1, 2, 30)[0],
                  whole=whole_core(gpt2_w), num_layers=gpt2.num_layers, swiglu=False, tp=1, pp=2),
-            dict(root=str(root / "moe_ep2"), iteration=20, common=D.saved_bytes([{"iteration": 20}]).getvalue(),
-                 experts=experts, dense=dense, num_layers=MOE["layers"], ep=2)]
+            dict(root=str(root / "moe_ep2"), iteration=20, common=D.saved_bytes(
+                [{"args": moe_args, "checkpoint_version": 3.0, "iteration": 20}]).getvalue(),
+                 experts=experts, dense=dense, num_layers=moe_cfg.num_layers, ep=2)]
     D.spawn_writers(jobs)
-    return {"root": root, "llama": (llama, llama_w), "gpt2": (gpt2, gpt2_w), "moe": (experts, dense)}
+    return {"root": root, "llama": (llama, llama_w), "gpt2": (gpt2, gpt2_w), "moe": (moe_cfg, moe_w, experts)}
 
 
 def test_tp2_checkpoint_written_by_two_processes_converts_with_the_source_logits(two_process_checkpoints, tmp_path):
@@ -108,32 +119,29 @@ def test_pp2_checkpoint_written_by_two_processes_holds_every_layer(two_process_c
         np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
 
 
-def test_moe_checkpoint_expert_tensors_read_with_global_shapes_and_are_refused(two_process_checkpoints, tmp_path):
-    experts, dense = two_process_checkpoints["moe"]
+def test_moe_checkpoint_written_at_ep2_converts_with_the_source_logits(two_process_checkpoints, tmp_path):
+    cfg, weights, experts = two_process_checkpoints["moe"]
     src = two_process_checkpoints["root"] / "moe_ep2"
     ckpt = DcpCheckpoint(src / "iter_0000020")
-    m = MOE
     fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
-    assert ckpt.tensors[fc1].shape == (m["layers"], m["experts"], 2 * m["ffn"], m["hidden"])
+    assert ckpt.tensors[fc1].shape == (cfg.num_layers, 4, 32, cfg.hidden_size)
     assert len({c.file for c in ckpt.tensors[fc1].chunks}) == 2  # experts 0-1 from rank 0, 2-3 from rank 1
     for key, value in experts.items():
         np.testing.assert_array_equal(ckpt.read_tensor(key), value, err_msg=key)
     per_layer = read_model_tensors(ckpt, list(experts))  # named per layer and global expert, as the torch format
     np.testing.assert_array_equal(per_layer["decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"],
                                   experts[fc1][1, 3])
-    np.testing.assert_array_equal(per_layer["decoder.layers.0.mlp.experts.local_experts.2.linear_fc2.weight"],
-                                  experts["decoder.layers.mlp.experts.experts.linear_fc2.weight"][0, 2])
-    np.testing.assert_array_equal(per_layer["decoder.layers.1.mlp.router.weight"],
-                                  experts["decoder.layers.mlp.router.weight"][1])
     np.testing.assert_array_equal(per_layer["decoder.layers.0.mlp.router.expert_bias"],
                                   experts["decoder.layers.mlp.router.expert_bias"][0])
-    np.testing.assert_array_equal(per_layer["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"],
-                                  experts["decoder.layers.mlp.shared_experts.linear_fc1.weight"][1])
-    with pytest.raises(ValueError, match=r"MoE checkpoints are not convertible yet: .*"
-                                         r"decoder.layers.mlp.experts.experts.linear_fc1.weight \[2, 4, 32, 32\]"):
-        convert_checkpoint(src, tmp_path / "dst", overrides={"num_layers": 2, "hidden_size": 32,
-                                                             "num_attention_heads": 4})
-    assert not (tmp_path / "dst").exists()
+    report = convert_checkpoint(src, tmp_path / "dst", 1, 1, verify=True)
+    assert report.source_format == "megatron-torch-dist" and report.source_experts == (2, 1)
+    assert report.verify["relative"] < 1e-5
+    full = read_checkpoint(tmp_path / "dst")
+    assert set(full.tensors) == set(weights)
+    for key, value in weights.items():
+        np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
+    tokens = tokens_for(cfg)
+    assert rel(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["tp2_bf16_common_state", "pp2_common_pt"])

@@ -46,7 +46,16 @@ def test_an_unknown_tensor_is_an_error_naming_it(tmp_path):
         model["decoder.layers.1.mlp.router.weight"] = np.ones((4, 32), np.float32)
 
     src = write_checkpoint(tmp_path / "core", scheme="core", edit=add_router)
-    with pytest.raises(ValueError, match=r"decoder.layers.1.mlp.router.weight.*megatron-core naming scheme"):
+    with pytest.raises(ValueError, match=r"unexpected language_model.encoder.layers.1.mlp.router.weight \[4, 32\]: the "
+                                         r"settings leave no place for it \(decided by --num-experts"):
+        convert_checkpoint(src, tmp_path / "dst")  # an MoE tensor in a dense model is not dropped
+
+    def add_third_projection(rank, model):
+        model["decoder.layers.1.mlp.experts.local_experts.0.linear_fc3.weight"] = np.ones((4, 32), np.float32)
+
+    src = write_checkpoint(tmp_path / "core3", scheme="core", edit=add_third_projection)
+    with pytest.raises(ValueError, match=r"\['decoder.layers.1.mlp.experts.local_experts.0.linear_fc3.weight'\].*"
+                                         r"megatron-core naming scheme"):
         convert_checkpoint(src, tmp_path / "dst")
 
 
@@ -114,8 +123,14 @@ def test_a_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, capsys):
 
 
 def test_features_mindtron_lacks_and_impossible_layouts_are_refused(tmp_path):
-    src = write_checkpoint(tmp_path / "moe", args_edit={"num_experts": 8})
-    with pytest.raises(ValueError, match=r"Mixture-of-Experts layers \(--num-experts\).*cannot be converted"):
+    src = write_checkpoint(tmp_path / "moe", args_edit={"num_experts": 8})  # MoE by its args, dense by its tensors
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] hold a dense MLP where the settings put Mixture-of-Experts "
+                                         r"layers \(decided by --num-experts, --moe-layer-freq\)\n  missing language_"
+                                         r"model.encoder.layers.0.mlp.experts.dense_4h_to_h.bias"):
+        convert_checkpoint(src, tmp_path / "dst")
+    src = write_checkpoint(tmp_path / "glu", args_edit={"num_experts": 8, "moe_mlp_glu_interleave_size": 16})
+    with pytest.raises(ValueError, match=r"experts with interleaved GLU rows \(--moe-mlp-glu-interleave-size\).*"
+                                         r"cannot be converted"):
         convert_checkpoint(src, tmp_path / "dst")
     src = write_checkpoint(tmp_path / "src")
     with pytest.raises(ValueError, match="--num-attention-heads = 4 is not divisible by --target-tensor-parallel-size 3"):

@@ -19,20 +19,27 @@ def build_parser() -> argparse.ArgumentParser:
     """The converter's own options (model flags are parsed separately, by Megatron's flag table)."""
     p = argparse.ArgumentParser(
         prog="python -m mindtron.convert", allow_abbrev=False,
-        description="Convert Megatron-LM checkpoints (legacy or Megatron-Core models; torch or torch_dist format) "
-                    "to mindtron checkpoints and back, for any tensor x pipeline parallel layout. Megatron's model "
-                    "flags (--num-layers, --swiglu, ...) override the checkpoint's stored arguments.")
+        description="Convert Megatron-LM checkpoints (legacy or Megatron-Core models, with Mixture-of-Experts; torch "
+                    "or torch_dist format) to mindtron checkpoints and back, for any tensor x pipeline x expert "
+                    "parallel layout. Megatron's model flags (--num-layers, --swiglu, --num-experts, ...) override "
+                    "the checkpoint's stored arguments.")
     p.add_argument("--load-dir", "--load", dest="load_dir", required=True, help="checkpoint directory to read")
     p.add_argument("--save-dir", "--save", dest="save_dir", required=True, help="directory to write")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="tensor-parallel size of the output")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="pipeline stages of the output")
+    p.add_argument("--target-expert-parallel-size", type=int, default=1,
+                   help="expert-parallel size of the output (MoE models; Megatron's converter's name)")
+    p.add_argument("--target-expert-tensor-parallel-size", type=int, default=None,
+                   help="expert tensor-parallel size of the output (default: the target tensor-parallel size, as "
+                        "Megatron's --expert-tensor-parallel-size)")
     p.add_argument("--target-num-layer-list", default=None,
                    help="uneven layers per output stage, comma separated (mindtron output only), e.g. 3,1")
     p.add_argument("--source-format", choices=SOURCE_FORMATS, default="auto",
                    help="how the source names its tensors (default: detected)")
     p.add_argument("--target-format", choices=TARGET_FORMATS, default="mindtron",
-                   help="mindtron (default), megatron-legacy (Megatron-LM's legacy model, torch format) or "
-                        "megatron-torch-dist (Megatron-Core, torch_dist format; needs PyTorch)")
+                   help="mindtron (default), megatron-legacy (Megatron-LM's legacy model, torch format), "
+                        "megatron-core (Megatron-Core names, torch format) or megatron-torch-dist (Megatron-Core, "
+                        "torch_dist format; needs PyTorch)")
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracker's)")
     p.add_argument("--verify", action="store_true",
                    help="load the result into GPTModel and compare its logits with the source weights'")
@@ -72,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             options.load_dir, options.save_dir, options.target_tensor_parallel_size,
             options.target_pipeline_parallel_size, options.source_format, options.target_format, overrides,
             options.iteration, options.verify, options.reader, _layer_list(options.target_num_layer_list),
-            options.megatron_release, options.verify_tolerance, show_progress=not options.no_progress)
+            options.megatron_release, options.verify_tolerance, show_progress=not options.no_progress,
+            target_ep=options.target_expert_parallel_size, target_etp=options.target_expert_tensor_parallel_size)
     except (ValueError, FileNotFoundError, CheckpointFormatError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from mindtron.convert import names as N
 
 from mindtron.convert.megatron_dist import FORMAT as DIST_FORMAT
 from mindtron.convert.megatron_dist_writer import write_megatron_dist_checkpoint
@@ -22,7 +26,7 @@ from mindtron.convert.report import ConversionReport
 from mindtron.convert.verify import verify_logits
 
 SOURCE_FORMATS = ("auto", "megatron-legacy", "megatron-core", DIST_FORMAT, "mindtron")
-TARGET_FORMATS = ("mindtron", "megatron-legacy", DIST_FORMAT)
+TARGET_FORMATS = ("mindtron", "megatron-legacy", "megatron-core", DIST_FORMAT)
 
 
 def read_checkpoint(load_dir, source_format: str = "auto", overrides: Optional[Mapping[str, Any]] = None,
@@ -40,31 +44,57 @@ def read_checkpoint(load_dir, source_format: str = "auto", overrides: Optional[M
 
 def write_checkpoint(full: FullCheckpoint, save_dir, target_format: str, tp: int, pp: int, report: ConversionReport,
                      num_layer_list: Optional[Sequence[int]] = None, megatron_release: bool = False,
-                     show_progress: bool = False) -> None:
-    """Write a whole model in `target_format` for tensor x pipeline parallel `tp` x `pp`."""
+                     show_progress: bool = False, ep: int = 1, etp: Optional[int] = None) -> None:
+    """Write a whole model in `target_format` for tensor x pipeline parallel `tp` x `pp`, an MoE model's experts
+    over `ep` expert-parallel ranks, each split over `etp` expert tensor-parallel ranks (default tp)."""
     if target_format == "mindtron":
         info = {"format": report.source_format, "path": report.source, "iteration": report.iteration,
-                "layout": list(report.source_layout)}
-        write_mindtron_checkpoint(full, save_dir, tp, pp, report, num_layer_list, info, show_progress)
-    elif target_format == "megatron-legacy":
+                "layout": list(report.source_layout),
+                "experts": list(report.source_experts) if report.source_experts else None}
+        write_mindtron_checkpoint(full, save_dir, tp, pp, report, num_layer_list, info, show_progress, ep, etp)
+    elif target_format in ("megatron-legacy", "megatron-core"):
         if num_layer_list:
-            raise ValueError("--target-num-layer-list: Megatron-LM's legacy checkpoints split layers evenly; drop it")
-        write_megatron_checkpoint(full, save_dir, tp, pp, report, megatron_release, show_progress)
+            raise ValueError("--target-num-layer-list: Megatron-LM's torch-format checkpoints split layers evenly; "
+                             "drop it")
+        write_megatron_checkpoint(full, save_dir, tp, pp, report, megatron_release, show_progress, target_format,
+                                  ep, etp)
     elif target_format == DIST_FORMAT:
         if num_layer_list:
             raise ValueError("--target-num-layer-list: a torch_dist checkpoint holds the layers of the whole model "
                              "(Megatron lays them out over its pipeline stages when it loads them); drop it")
-        write_megatron_dist_checkpoint(full, save_dir, tp, pp, report, megatron_release, show_progress)
+        write_megatron_dist_checkpoint(full, save_dir, tp, pp, report, megatron_release, show_progress, ep, etp)
     else:
         raise ValueError(f"--target-format {target_format!r}: use one of {', '.join(TARGET_FORMATS)}")
+
+
+def count_moe_tensors(tensors: Mapping[str, np.ndarray]) -> Dict[str, int]:
+    """The MoE parameters of a whole model by kind, for the summary."""
+    counts: Dict[str, int] = {}
+    for name, tensor in tensors.items():
+        parsed = N.layer_of(name)
+        if parsed is None:
+            continue
+        if parsed[1].startswith("mlp.router."):
+            kind = "router tensors"
+        elif N.is_expert(name):
+            kind = f"expert stacks of {tensor.shape[0]} experts"
+        elif parsed[1].startswith("mlp.shared_experts."):
+            kind = "shared-expert tensors"
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def convert_checkpoint(load_dir, save_dir, target_tp: int = 1, target_pp: int = 1, source_format: str = "auto",
                        target_format: str = "mindtron", overrides: Optional[Mapping[str, Any]] = None,
                        iteration: Optional[int] = None, verify: bool = False, reader: str = "auto",
                        num_layer_list: Optional[Sequence[int]] = None, megatron_release: bool = False,
-                       verify_tolerance: float = 1e-4, show_progress: bool = False) -> ConversionReport:
-    """Convert the checkpoint in `load_dir` into `save_dir`; returns what was done (`report.summary()`)."""
+                       verify_tolerance: float = 1e-4, show_progress: bool = False, target_ep: int = 1,
+                       target_etp: Optional[int] = None) -> ConversionReport:
+    """Convert the checkpoint in `load_dir` into `save_dir`; returns what was done (`report.summary()`).
+    `target_ep` / `target_etp`: expert parallel and expert tensor parallel sizes of the output (MoE models;
+    the latter defaults to `target_tp`, as Megatron's --expert-tensor-parallel-size does)."""
     start = time.time()
     if Path(save_dir).resolve() == Path(load_dir).resolve():
         raise ValueError("--save-dir must differ from --load-dir (the conversion would overwrite its source)")
@@ -75,8 +105,9 @@ def convert_checkpoint(load_dir, save_dir, target_tp: int = 1, target_pp: int = 
     report.model = full.spec.describe()
     report.parameters = len(full.tensors)
     report.values = int(sum(t.size for t in full.tensors.values()))
+    report.experts = count_moe_tensors(full.tensors)
     write_checkpoint(full, save_dir, target_format, target_tp, target_pp, report, num_layer_list, megatron_release,
-                     show_progress)
+                     show_progress, target_ep, target_etp)
     if verify:
         written = read_checkpoint(save_dir, target_format, reader="python")
         try:

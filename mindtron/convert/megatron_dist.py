@@ -10,8 +10,8 @@ whole model, without PyTorch and without running pickled code.
 The non-tensor state ({"args", "checkpoint_version", "iteration", ...}) is the `common_state` object of the
 checkpoint (Megatron-Core 0.19) or `common.pt`. The tensors are global, whatever the tensor, pipeline or
 expert parallel layout that wrote them, and stacked over layers (`names_dist`): each is unstacked into
-per-layer Megatron-Core keys and mapped to canonical names by `names_core`, so the result can be written for
-any target layout.
+per-layer Megatron-Core keys and mapped to canonical names by `names_core` (experts by their global index),
+so the result can be written for any target layout.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from mindtron.convert import names as N
 from mindtron.convert import names_core, names_dist
 from mindtron.convert.dcp_reader import METADATA_FILE, DcpCheckpoint
 from mindtron.convert.model_state import FullCheckpoint, observe_shapes, validate
@@ -91,9 +92,9 @@ def _describe(ckpt: DcpCheckpoint, keys: List[str]) -> str:
 
 
 def model_keys(ckpt: DcpCheckpoint, report: ConversionReport) -> List[str]:
-    """The checkpoint's tensors that are model weights; the rest is recorded in `report`. Mixture-of-Experts
-    tensors and tensors with no canonical name are errors naming them (decided from the index alone)."""
-    keys, moe, unknown = [], [], []
+    """The checkpoint's tensors that are model weights; the rest is recorded in `report`. A tensor with no
+    canonical name is an error naming it (decided from the index alone)."""
+    keys, unknown = [], []
     for key in sorted(ckpt.tensors):
         if _NOT_MODEL.match(key):
             report.not_converted.append(key.split(".")[0].split("/")[0])
@@ -101,8 +102,6 @@ def model_keys(ckpt: DcpCheckpoint, report: ConversionReport) -> List[str]:
         per_layer = names_dist.layer_key(key, 0)
         if names_core.canonical_name(per_layer, tied=False) is not None:
             keys.append(key)
-        elif names_core.is_moe_name(per_layer):
-            moe.append(key)
         else:
             unknown.append(key)
     for key in ckpt.objects:
@@ -110,9 +109,6 @@ def model_keys(ckpt: DcpCheckpoint, report: ConversionReport) -> List[str]:
             report.ignore("Transformer Engine FP8 metadata (_extra_state)", key)
         elif key.split("/")[0] != COMMON_KEY:
             report.not_converted.append(key.split("/")[0])
-    if moe:
-        raise ValueError(f"MoE checkpoints are not convertible yet: {ckpt.directory} holds Mixture-of-Experts "
-                         f"tensors ({_describe(ckpt, moe)}) and mindtron has no MoE model to place them in")
     if unknown:
         raise ValueError(f"{ckpt.directory}: cannot place {len(unknown)} tensor(s) ({_describe(ckpt, unknown)}): "
                          "they match no parameter of mindtron's GPT in Megatron-Core's naming scheme. The checkpoint "
@@ -165,10 +161,17 @@ def read_megatron_dist_checkpoint(directory: Path, number: int, release: bool, l
     pp = int(args.get("pipeline_model_parallel_size") or 1)
     vpp = args.get("virtual_pipeline_model_parallel_size")
     report.source_layout = (tp, pp, int(vpp) if vpp else 1)
+    if spec.num_experts:
+        report.source_experts = (int(args.get("expert_model_parallel_size") or 1),
+                                 int(args.get("expert_tensor_parallel_size") or tp))
     progress = Progress(len(keys), "reading", show_progress, unit="tensors")
-    full: Dict[str, np.ndarray] = {}
+    pieces: Dict[str, np.ndarray] = {}
+    origin: Dict[str, str] = {}
     for key, tensor in read_model_tensors(ckpt, keys, progress).items():
-        full[names_core.canonical_name(key, tied=False)] = tensor
+        name = names_core.canonical_name(key, tied=False)
+        pieces[name], origin[name] = tensor, key
+    # every expert of the model is here, under its global index: one expert-parallel rank holding them all
+    full = N.stack_expert_pieces(pieces, spec.num_experts or 0, str(directory), origin)
     report.placed += len(keys)
     for source, count in ckpt.placeholders.items():
         report.placeholders[source] = report.placeholders.get(source, 0) + count

@@ -12,19 +12,24 @@ target tensor x pipeline layout (which also decides the vocabulary padding) and 
 `no_save_rng`, so Megatron-LM starts from the weights without looking for optimizer or RNG state. The tensors
 themselves are global: Megatron loads them at any layout. Transformer Engine's `_extra_state` objects are
 written empty (None, as without FP8), so a Transformer Engine model finds every key it asks for.
+Mixture-of-Experts layers hold the router (`mlp.router.weight` [L, E, h], `expert_bias`), the experts stacked by
+global index (`mlp.experts.experts.linear_fc1.weight` [L, E, rows, h], SequentialMLP's keys, which
+Megatron's grouped experts load too) and the shared expert; with a `--moe-layer-freq` pattern each layer keeps
+its own keys (`decoder.layers.{l}.*`, Megatron-Core's non-homogeneous layers).
 """
 from __future__ import annotations
 
 import json
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
+from mindtron.convert import names as N
 from mindtron.convert import names_core, names_dist
 from mindtron.convert.megatron_dist import COMMON_KEY, CONFIG_FILE, FORMAT
-from mindtron.convert.megatron_writer import CHECKPOINT_VERSION, megatron_args
+from mindtron.convert.megatron_writer import CHECKPOINT_VERSION, megatron_args, transformer_impl
 from mindtron.convert.mindtron_format import replace_iteration_dir, target_tensors, write_tracker
 from mindtron.convert.model_state import FullCheckpoint
 from mindtron.convert.report import ConversionReport
@@ -37,15 +42,31 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
+def homogeneous_layers(config) -> bool:
+    """Whether Megatron-Core stacks the layers in its sharded state dict: not when `--moe-layer-freq` is a
+    list or above 1 (its `non_homogeneous_layers`), whatever the list holds."""
+    freq = config.moe_config.moe_layer_freq
+    return isinstance(freq, int) and freq <= 1
+
+
 def dist_state_tensors(full: FullCheckpoint, tp: int) -> Dict[str, np.ndarray]:
-    """The model under torch_dist keys (stacked over layers), vocabulary padded for tensor-parallel `tp`."""
-    per_layer = {names_core.core_name(name): tensor for name, tensor in target_tensors(full, tp).items()}
-    return names_dist.stack(per_layer, full.spec.fields["num_layers"])
+    """The model under torch_dist keys (stacked over layers, or per layer with MoE layer patterns),
+    vocabulary padded for tensor-parallel `tp`."""
+    config = full.spec.config()
+    te = transformer_impl(full.spec) == "transformer_engine"
+    moe = names_core.moe_layers(full.tensors)
+    per_layer = {}
+    for name, tensor in target_tensors(full, tp).items():
+        layer = N.layer_of(name)
+        per_layer[names_core.core_name(name, te, layer is not None and layer[0] in moe)] = tensor
+    return names_dist.stack(per_layer, config.num_layers, homogeneous_layers(config))
 
 
 def write_megatron_dist_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: int, report: ConversionReport,
-                                   release: bool = False, show_progress: bool = True) -> List[Path]:
-    """Write `full` as a torch_dist checkpoint whose arguments say tensor x pipeline parallel `tp` x `pp`."""
+                                   release: bool = False, show_progress: bool = True, ep: int = 1,
+                                   etp: Optional[int] = None) -> List[Path]:
+    """Write `full` as a torch_dist checkpoint whose arguments say tensor x pipeline (x expert) parallel `tp` x
+    `pp` (x `ep`, experts split over `etp` ranks); the tensors themselves are global."""
     if not torch_available():
         raise ValueError("--target-format megatron-torch-dist writes through PyTorch's torch.distributed.checkpoint: "
                          "pip install torch (or mindtron[torch]; reading torch_dist checkpoints does not need it)")
@@ -54,10 +75,11 @@ def write_megatron_dist_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: 
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     spec = full.spec
-    check_target_layout(spec.config(), tp, pp, None)
+    check_target_layout(spec.config(), tp, pp, None, ep, etp)
     config = spec.config(spec.vocab_rows_for(tp))
     tensors = dist_state_tensors(full, tp)  # a tensor Megatron has no place for is an error before writing
-    args = megatron_args(full, tp, pp, ckpt_format="torch_dist")  # plain values: torch.load(weights_only) reads them
+    # plain values: torch.load(weights_only) reads them
+    args = megatron_args(full, tp, pp, ckpt_format="torch_dist", ep=ep, etp=etp)
     if not release and full.iteration < 1:
         release = True  # Megatron's tracker accepts iteration 0 only as "release"
         report.warn("iteration 0 is written as Megatron's release checkpoint (the tracker cannot name iteration 0)")
@@ -66,7 +88,10 @@ def write_megatron_dist_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: 
               "num_floating_point_operations_so_far": 0, "content_metadata": dict(CONTENT_METADATA)}
     state: Dict[str, object] = {key: torch.from_numpy(np.ascontiguousarray(t)) for key, t in tensors.items()}
     state[f"{COMMON_KEY}/shard_0_1"] = [common]  # Megatron stores a ShardedObject's data as [data]
-    for key in names_dist.extra_state_keys(config.num_layers):
+    moe = config.moe_config
+    for key in names_dist.extra_state_keys(
+            config.num_layers, sorted(names_core.moe_layers(full.tensors)), moe.num_experts or 0,
+            bool(moe.moe_shared_expert_intermediate_size), homogeneous_layers(config)):
         state[key] = [None]
     progress = Progress(1, "writing", show_progress)
     name = "release" if release else f"iter_{iteration:07d}"
@@ -83,6 +108,8 @@ def write_megatron_dist_checkpoint(full: FullCheckpoint, save_dir, tp: int, pp: 
     final = replace_iteration_dir(root, name, build)
     write_tracker(root, "release" if release else str(iteration))
     report.target, report.target_format, report.target_layout = str(root), FORMAT, (tp, pp)
+    if spec.num_experts:
+        report.target_experts = (ep, tp if etp is None else etp)
     report.vocab_rows = (spec.source_vocab_rows, config.vocab_size)
     report.written = sorted(str(p) for p in final.iterdir())
     return [Path(p) for p in report.written]

@@ -4,6 +4,8 @@ whole model; a directory in the torch_dist format is handed to `megatron_dist`.
     <load>/latest_checkpointed_iteration.txt            an iteration number, or "release"
     <load>/iter_0000100/mp_rank_00/model_optim_rng.pt  (or release/...), one file per model-parallel rank:
     <load>/iter_0000100/mp_rank_00_001/...              mp_rank_<tensor rank>_<pipeline rank> with pp > 1
+    <load>/iter_0000100/mp_rank_00_001_002/...          ..._<expert rank> with expert parallelism (MoE): each
+                                                        holds the dense weights and its expert rank's experts
 
 Each file holds {"args": Namespace, "checkpoint_version": 3.0, "iteration": N, "model": state dict (or
 "model0", "model1", ... per virtual pipeline chunk), "optimizer": ..., "rng_state": ...}. Only the model
@@ -67,30 +69,56 @@ def find_checkpoint_dir(load_dir, iteration: Optional[int] = None) -> Tuple[Path
                             "a Megatron checkpoint directory (or pass --iteration N)")
 
 
-def rank_files(directory: Path) -> Dict[Tuple[int, int], Path]:
-    """(tensor rank, pipeline rank) -> model_optim_rng.pt for every model-parallel rank in `directory`."""
-    files: Dict[Tuple[int, int], Path] = {}
+def rank_dirs(directory: Path) -> Dict[Tuple[int, ...], Path]:
+    """The numbers in each `mp_rank_*` folder name -> its model_optim_rng.pt (1 to 3 numbers, by Megatron's
+    `mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]`)."""
+    files: Dict[Tuple[int, ...], Path] = {}
     for sub in sorted(directory.iterdir()):
         match = _RANK_DIR.match(sub.name)
         if not match or not sub.is_dir():
             continue
-        if match.group(3) is not None:
-            raise ValueError(f"{sub} is an expert-parallel rank (mp_rank_XX_YYY_EEE): Mixture-of-Experts checkpoints "
-                             "are not converted")
         path = sub / RANK_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
-        files[(int(match.group(1)), int(match.group(2) or 0))] = path
+        files[tuple(int(g) for g in match.groups() if g is not None)] = path
     if not files:
         raise FileNotFoundError(f"{directory} holds no mp_rank_*/{RANK_FILE} files")
-    tp = 1 + max(t for t, _ in files)
-    pp = 1 + max(p for _, p in files)
-    missing = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for t in range(tp) for p in range(pp)
-               if (t, p) not in files]
-    if missing:
-        raise FileNotFoundError(f"{directory} lacks {missing}: a checkpoint with tensor x pipeline parallel "
-                                f"{tp} x {pp} needs every rank's folder")
+    if len({len(k) for k in files}) > 1:
+        names = sorted(p.parent.name for p in files.values())[:6]
+        raise ValueError(f"{directory} mixes rank folder names of different forms ({names}); it holds more than one "
+                         "checkpoint layout")
     return files
+
+
+def rank_files(directory: Path, files: Dict[Tuple[int, ...], Path], args: Mapping[str, Any]
+               ) -> Dict[Tuple[int, int, int], Path]:
+    """(tensor rank, pipeline rank, expert rank) -> file. Megatron names `mp_rank_XX_YYY` both a pipeline
+    rank (pp > 1) and an expert rank (ep > 1, pp = 1): the stored arguments tell which."""
+    stored_pp = int(args.get("pipeline_model_parallel_size") or 1)
+    stored_ep = int(args.get("expert_model_parallel_size") or 1)
+    width = len(next(iter(files)))
+    out: Dict[Tuple[int, int, int], Path] = {}
+    for numbers, path in files.items():
+        if width == 3:
+            key = numbers
+        elif width == 2 and stored_ep > 1 and stored_pp == 1:
+            key = (numbers[0], 0, numbers[1])
+        else:
+            key = (numbers[0], numbers[1] if width == 2 else 0, 0)
+        out[key] = path
+    tp, pp, ep = (1 + max(k[i] for k in out) for i in range(3))
+    ep = max(ep, stored_ep if width > 1 else 1)  # the last expert ranks' folders may be what is missing
+    if width == 2 and stored_ep > 1 and stored_pp > 1:
+        raise ValueError(f"{directory}: the stored args say pipeline x expert parallel {stored_pp} x {stored_ep}, but "
+                         "the rank folders carry two numbers (mp_rank_XX_YYY), not three (mp_rank_XX_YYY_ZZZ)")
+    missing = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for p in range(pp) for t in range(tp)
+               if not any((t, p) == k[:2] for k in out)]
+    missing += ["mp_rank_XX" + (f"_{p:03d}" if pp > 1 else "") + f"_{e:03d}" for p in range(pp) for e in range(ep)
+                if not any((p, e) == k[1:] for k in out)]
+    if missing:
+        raise FileNotFoundError(f"{directory} lacks {missing}: a checkpoint with tensor x pipeline x expert parallel "
+                                f"{tp} x {pp} x {ep} needs every rank's folder")
+    return out
 
 
 def _model_chunks(state: Mapping[str, Any], where: Path) -> List[Mapping[str, Any]]:
@@ -116,8 +144,9 @@ def detect_format(model: Mapping[str, Any], where: Path) -> str:
 
 
 def canonical_tensors(model: Mapping[str, Any], scheme: str, spec: ModelSpec, version: int, tp: int, where: Path,
-                      report: ConversionReport) -> Dict[str, np.ndarray]:
-    """One model state dict under canonical stage-local names; every entry placed, ignored, or an error."""
+                      report: ConversionReport, num_local_experts: int = 0) -> Dict[str, np.ndarray]:
+    """One model state dict under canonical stage-local names, its routed experts stacked [num_local_experts,
+    ...]; every entry placed, ignored, or an error."""
     out: Dict[str, np.ndarray] = {}
     origin: Dict[str, str] = {}
     unknown: List[str] = []
@@ -141,15 +170,20 @@ def canonical_tensors(model: Mapping[str, Any], scheme: str, spec: ModelSpec, ve
         if name.endswith(("query_key_value.weight", "query_key_value.bias")) and version < 2:
             value = to_current_order(value, version, spec.fields["num_attention_heads"] // tp,
                                      spec.fields["kv_channels"])
+        if scheme != "megatron-legacy":
+            value = names_core.from_grouped_gemm(key, value, max(num_local_experts, 1), spec.fields["hidden_size"],
+                                                 str(where))
         out[name], origin[name] = value, key
         report.placed += 1
     if unknown:
+        moe = (" Megatron's legacy model's Mixture-of-Experts layers (SwitchMLP) are not converted: only "
+               "Megatron-Core's (--use-mcore-models)." if scheme == "megatron-legacy" and spec.num_experts else "")
         raise ValueError(
             f"{where}: cannot place {len(unknown)} tensor(s) {unknown[:6]}: they match no parameter of mindtron's "
-            f"GPT in the {scheme} naming scheme. The checkpoint may use a feature mindtron does not implement "
-            "(Mixture-of-Experts, QK layer norm, ...) or another model family; pass --source-format if the "
+            f"GPT in the {scheme} naming scheme.{moe} The checkpoint may use a feature mindtron does not implement "
+            "(QK layer norm, multi-latent attention, ...) or another model family; pass --source-format if the "
             "scheme was detected wrongly")
-    return out
+    return N.stack_expert_pieces(out, num_local_experts, str(where), origin)
 
 
 def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: ConversionReport,
@@ -163,38 +197,42 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
     if source_format == DIST_FORMAT:
         raise ValueError(f"{directory} is not a torch_dist checkpoint (it has no .metadata); drop --source-format "
                          f"{DIST_FORMAT}")
-    files = rank_files(directory)
-    tp = 1 + max(t for t, _ in files)
-    pp = 1 + max(p for _, p in files)
-    order = sorted(files, key=lambda k: (k[1], k[0]))
+    found = rank_dirs(directory)
+    first = min(found.values(), key=lambda p: p.parent.name)  # mp_rank_00...: holds the stored args
+    loaded = {first: _load(first, reader, report)}
+    version = check_version(loaded[first].get("checkpoint_version", 0), str(first))
+    args = megatron_args_dict(loaded[first].get("args"), str(first))
+    if not args and not overrides:
+        raise ValueError(f"{first} stores no arguments; give the model settings on the command line "
+                         "(--num-layers, --hidden-size, --num-attention-heads, ...)")
+    files = rank_files(directory, found, args)
+    tp, pp, ep = (1 + max(k[i] for k in files) for i in range(3))
+    stored = (args.get("tensor_model_parallel_size", args.get("model_parallel_size")),
+              args.get("pipeline_model_parallel_size"), args.get("expert_model_parallel_size"))
+    if any(s not in (None, n) for s, n in zip(stored, (tp, pp, ep))):
+        report.warn(f"the stored args say TP={stored[0]} x PP={stored[1]} x EP={stored[2]} but {directory} holds "
+                    f"{tp} x {pp} x {ep} rank folders; the folders are used")
+    spec = spec_from_megatron_args(args, overrides)
+    etp = int(args.get("expert_tensor_parallel_size") or tp)
+    experts = spec.num_experts or 0
+    if experts and (experts % ep or tp % etp):
+        raise ValueError(f"{directory}: --num-experts {experts} over {ep} expert-parallel rank folders with tensor "
+                         f"parallel {tp} and expert tensor parallel {etp} (stored --expert-tensor-parallel-size) is "
+                         "not a layout Megatron writes; check the stored arguments (flags override them)")
+    report.checkpoint_version = version
+    if not release and loaded[first].get("iteration") is not None:
+        report.iteration = number = int(loaded[first]["iteration"])
+    consumed = int(args.get("consumed_train_samples") or 0)
+    order = sorted(files, key=lambda k: (k[1], k[2], k[0]))
     progress = Progress(len(order), "reading", show_progress, unit="files")
-    spec: Optional[ModelSpec] = None
     shards: List[ShardState] = []
     chunks_seen = None
-    report.source, report.iteration, report.files_read = str(load_dir), number, len(order)
-    for tp_rank, pp_rank in order:
-        path = files[(tp_rank, pp_rank)]
-        state, placeholders = load_torch_file(path, reader)
-        for source, count in placeholders.items():
-            report.placeholders[source] = report.placeholders.get(source, 0) + count
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{path} holds a {type(state).__name__}, not a Megatron checkpoint dict")
-        version = check_version(state.get("checkpoint_version", 0), str(path))
-        if spec is None:
-            args = megatron_args_dict(state.get("args"), str(path))
-            if not args and not overrides:
-                raise ValueError(f"{path} stores no arguments; give the model settings on the command line "
-                                 "(--num-layers, --hidden-size, --num-attention-heads, ...)")
-            stored_tp = args.get("tensor_model_parallel_size", args.get("model_parallel_size"))
-            stored_pp = args.get("pipeline_model_parallel_size")
-            if stored_tp not in (None, tp) or stored_pp not in (None, pp):
-                report.warn(f"the stored args say TP={stored_tp} x PP={stored_pp} but {directory} holds "
-                            f"{tp} x {pp} rank folders; the folders are used")
-            spec = spec_from_megatron_args(args, overrides)
-            report.checkpoint_version = version
-            if not release and state.get("iteration") is not None:
-                report.iteration = number = int(state["iteration"])
-            consumed = int(args.get("consumed_train_samples") or 0)
+    report.source, report.files_read = str(load_dir), len(order)
+    for key in order:
+        tp_rank, pp_rank, ep_rank = key
+        path = files[key]
+        state = loaded.pop(path) if path in loaded else _load(path, reader, report)
+        check_version(state.get("checkpoint_version", 0), str(path))
         chunks = _model_chunks(state, path)
         if chunks_seen is None:
             chunks_seen = len(chunks)
@@ -211,13 +249,23 @@ def read_megatron_checkpoint(load_dir, overrides: Mapping[str, Any], report: Con
             if report.source_format and report.source_format != scheme:
                 raise ValueError(f"{path} uses {scheme} names but earlier files {report.source_format} names")
             report.source_format = scheme
-            tensors = canonical_tensors(model, scheme, spec, version, tp, path, report)
-            shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(path)))
+            tensors = canonical_tensors(model, scheme, spec, version, tp, path, report, experts // ep)
+            shards.append(ShardState(tp_rank, chunk * pp + pp_rank, tensors, str(path), ep_rank))
         del state
         progress.step(path.parent.name, tensors=sum(len(s.tensors) for s in shards[-len(chunks):]))
     report.source_layout = (tp, pp, chunks_seen)
-    full = assemble(shards, tp, pp * chunks_seen, spec, report)
+    if experts:
+        report.source_experts = (ep, etp)
+    full = assemble(shards, tp, pp * chunks_seen, spec, report, etp)
     observe_shapes(spec, full, str(directory))
     validate(full, spec, str(directory))
     return FullCheckpoint(spec, full, number, consumed)
 
+
+def _load(path: Path, reader: str, report: ConversionReport) -> Mapping[str, Any]:
+    state, placeholders = load_torch_file(path, reader)
+    for source, count in placeholders.items():
+        report.placeholders[source] = report.placeholders.get(source, 0) + count
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a Megatron checkpoint dict")
+    return state

@@ -12,17 +12,31 @@ names with the newer `*_norm` spelling), with the global layer index:
     language_model.encoder.layers.{i}.mlp.dense_h_to_4h.*                [ffn (x2 for SwiGLU: [gate; up]), h]
     language_model.encoder.layers.{i}.mlp.dense_4h_to_h.*                [h, ffn]
     language_model.encoder.layers.{i}.{attn,ffn}_post_norm.*             (mindtron's sandwich norm)
+  in the layers --moe-layer-freq makes Mixture-of-Experts, instead of the two dense MLP projections:
+    language_model.encoder.layers.{i}.mlp.router.weight                  [E, h]  (.bias [E], .expert_bias [E])
+    language_model.encoder.layers.{i}.mlp.experts.dense_h_to_4h.*        [E, moe_ffn (x2: [gate; up]), h], [E, ..]
+    language_model.encoder.layers.{i}.mlp.experts.dense_4h_to_h.*        [E, h, moe_ffn], bias [E, h]
+    language_model.encoder.layers.{i}.mlp.shared_experts.dense_h_to_4h.weight  [shared (x2), h]
+    language_model.encoder.layers.{i}.mlp.shared_experts.dense_4h_to_h.weight  [h, shared]
+    language_model.encoder.layers.{i}.mlp.shared_experts.gate_weight     [1, h]
     language_model.encoder.final_norm.{weight,bias}                      [h]
     language_model.output_layer.weight                                   [padded vocab, h]  (untied)
 
 The fused QKV rows are grouped per key/value group: the group's np/ng query heads, then its key head, then
 its value head (Megatron's layout since checkpoint version 2, and Megatron-Core's). `HEAD_COPY` is the last
 pipeline stage's copy of a tied word embedding; it is not part of the whole model.
+
+Routed experts are stacked by global expert index (E = --num-experts); a shard holds a block of them (its
+expert-parallel rank's, `E / EP` experts, in order). Readers name the experts of a source file one by one
+with *expert pieces*, `language_model.encoder.layers.{i}.mlp.experts.local_experts.{e}.dense_h_to_4h.weight`
+([moe_ffn (x2), h], e the file's local index), and `stack_expert_pieces` stacks them.
 """
 from __future__ import annotations
 
 import re
 from typing import Dict, Optional, Tuple
+
+import numpy as np
 
 WORD = "language_model.embedding.word_embeddings.weight"
 POSITION = "language_model.embedding.position_embeddings.weight"
@@ -35,7 +49,12 @@ LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(.+)$")
 LAYER_PARTS = re.compile(
     r"^(input_norm\.(weight|bias)|post_attention_norm\.(weight|bias)|attn_post_norm\.(weight|bias)|"
     r"ffn_post_norm\.(weight|bias)|self_attention\.(query_key_value|dense)\.(weight|bias)|"
-    r"mlp\.(dense_h_to_4h|dense_4h_to_h)\.(weight|bias))$")
+    r"mlp\.(dense_h_to_4h|dense_4h_to_h)\.(weight|bias)|mlp\.router\.(weight|bias|expert_bias)|"
+    r"mlp\.experts\.(dense_h_to_4h|dense_4h_to_h)\.(weight|bias)|"
+    r"mlp\.shared_experts\.(dense_h_to_4h\.weight|dense_4h_to_h\.weight|gate_weight))$")
+EXPERTS = "mlp.experts."
+EXPERT_PIECE = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\."
+                          r"((?:dense_h_to_4h|dense_4h_to_h)\.(?:weight|bias))$")
 GLOBAL_NAMES = {WORD, POSITION, FINAL_NORM + "weight", FINAL_NORM + "bias", OUTPUT, HEAD_COPY}
 
 
@@ -45,6 +64,52 @@ def is_canonical(name: str) -> bool:
         return True
     match = LAYER.match(name)
     return bool(match and LAYER_PARTS.match(match.group(2)))
+
+
+def is_expert(name: str) -> bool:
+    """Whether `name` is a routed-expert stack [experts, ...] (split over expert-parallel ranks by expert)."""
+    parsed = layer_of(name)
+    return parsed is not None and parsed[1].startswith(EXPERTS)
+
+
+def expert_piece(layer: int, index: int, rest: str) -> str:
+    """The expert-piece name of one expert's `rest` ('dense_h_to_4h.weight', ...) in layer `layer`."""
+    return f"{LAYER_PREFIX}{layer}.{EXPERTS}local_experts.{index}.{rest}"
+
+
+def stack_expert_pieces(tensors: Dict[str, np.ndarray], num_local: int, where: str,
+                        origin: Optional[Dict[str, str]] = None) -> Dict[str, np.ndarray]:
+    """`tensors` with the expert pieces of each layer stacked into canonical expert tensors
+    [num_local, ...] (local index order); an index outside 0..num_local-1, a missing index or a misshapen
+    piece is a ValueError naming the source entry (`origin`: piece name -> source key)."""
+    origin = origin or {}
+    out: Dict[str, np.ndarray] = {}
+    groups: Dict[str, Dict[int, str]] = {}
+    for name, tensor in tensors.items():
+        match = EXPERT_PIECE.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        layer, index, rest = int(match.group(1)), int(match.group(2)), match.group(3)
+        if index >= num_local:
+            raise ValueError(f"{where}: {origin.get(name, name)} is local expert {index}, but each expert-parallel "
+                             f"rank holds {num_local} experts (--num-experts / expert-parallel size): it has no place "
+                             "in the model")
+        groups.setdefault(layer_name(layer, EXPERTS + rest), {})[index] = name
+    for stacked, pieces in groups.items():
+        missing = sorted(set(range(num_local)) - set(pieces))
+        if missing:
+            raise ValueError(f"{where}: local experts {missing} of {stacked} are missing (found "
+                             f"{[origin.get(pieces[i], pieces[i]) for i in sorted(pieces)][:4]}); the checkpoint is "
+                             "incomplete")
+        shapes = {tuple(tensors[pieces[i]].shape) for i in pieces}
+        if len(shapes) > 1:
+            raise ValueError(f"{where}: the experts of {stacked} have different shapes {sorted(shapes)}")
+        if stacked in out:
+            raise ValueError(f"{where}: {stacked} is given both stacked and expert by expert "
+                             f"({origin.get(stacked, stacked)} and {origin.get(pieces[0], pieces[0])})")
+        out[stacked] = np.stack([tensors[pieces[i]] for i in range(num_local)])
+    return out
 
 
 def layer_of(name: str) -> Optional[Tuple[int, str]]:
@@ -85,6 +150,9 @@ def expected_shapes(config, vocab_rows: int) -> Dict[str, Tuple[int, ...]]:
         shapes[layer_name(i, "self_attention.dense.weight")] = (h, c.num_attention_heads * hn)
         if c.out_proj_has_bias:
             shapes[layer_name(i, "self_attention.dense.bias")] = (h,)
+        if c.moe_config.is_moe_layer(i, c.num_layers):
+            shapes.update(_moe_shapes(c, i))
+            continue
         shapes[layer_name(i, "mlp.dense_h_to_4h.weight")] = (fc1_rows, h)
         shapes[layer_name(i, "mlp.dense_4h_to_h.weight")] = (h, c.ffn_hidden_size)
         if c.add_bias_linear:
@@ -97,16 +165,46 @@ def expected_shapes(config, vocab_rows: int) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+def _moe_shapes(c, i: int) -> Dict[str, Tuple[int, ...]]:
+    """The tensors of MoE layer `i`'s MLP (router, stacked experts, shared expert)."""
+    moe, h = c.moe_config, c.hidden_size
+    E, ffn = moe.num_experts, moe.moe_ffn_hidden_size
+    glu = 2 if c.hidden_act == "swiglu" else 1
+    shapes = {layer_name(i, "mlp.router.weight"): (E, h),
+              layer_name(i, "mlp.experts.dense_h_to_4h.weight"): (E, glu * ffn, h),
+              layer_name(i, "mlp.experts.dense_4h_to_h.weight"): (E, h, ffn)}
+    if c.add_bias_linear:
+        shapes.update({layer_name(i, "mlp.router.bias"): (E,),
+                       layer_name(i, "mlp.experts.dense_h_to_4h.bias"): (E, glu * ffn),
+                       layer_name(i, "mlp.experts.dense_4h_to_h.bias"): (E, h)})
+    if moe.moe_router_enable_expert_bias:
+        shapes[layer_name(i, "mlp.router.expert_bias")] = (E,)
+    shared = moe.moe_shared_expert_intermediate_size
+    if shared:
+        shapes[layer_name(i, "mlp.shared_experts.dense_h_to_4h.weight")] = (glu * shared, h)
+        shapes[layer_name(i, "mlp.shared_experts.dense_4h_to_h.weight")] = (h, shared)
+        if moe.moe_shared_expert_gate:
+            shapes[layer_name(i, "mlp.shared_experts.gate_weight")] = (1, h)
+    return shapes
+
+
 # Which settings decide a tensor's presence or shape: named in errors so the user knows what to change.
 _HINTS = [
+    (re.compile(r"mlp\.router\.expert_bias$"), "--moe-router-enable-expert-bias, --num-experts"),
+    (re.compile(r"mlp\.router\.bias$"), "--disable-bias-linear, --num-experts"),
+    (re.compile(r"mlp\.router\."), "--num-experts, --moe-layer-freq, --hidden-size"),
+    (re.compile(r"mlp\.experts\..*bias$"), "--disable-bias-linear, --num-experts, --moe-ffn-hidden-size"),
+    (re.compile(r"mlp\.experts\."), "--num-experts, --moe-ffn-hidden-size, --swiglu, --moe-layer-freq"),
+    (re.compile(r"mlp\.shared_experts\.gate_weight$"), "--moe-shared-expert-gate"),
+    (re.compile(r"mlp\.shared_experts\."), "--moe-shared-expert-intermediate-size, --swiglu"),
     (re.compile(r"query_key_value\.weight$"), "--num-attention-heads, --num-query-groups (with "
                                                "--group-query-attention), --kv-channels, --hidden-size"),
     (re.compile(r"query_key_value\.bias$"), "--add-qkv-bias / --disable-bias-linear"),
     (re.compile(r"self_attention\.dense\.weight$"), "--num-attention-heads, --kv-channels, --hidden-size"),
     (re.compile(r"self_attention\.dense\.bias$"), "--disable-bias-linear"),
-    (re.compile(r"dense_h_to_4h\.weight$"), "--ffn-hidden-size, --swiglu, --hidden-size"),
+    (re.compile(r"dense_h_to_4h\.weight$"), "--ffn-hidden-size, --swiglu, --hidden-size, --moe-layer-freq"),
     (re.compile(r"dense_(h_to_4h|4h_to_h)\.bias$"), "--disable-bias-linear"),
-    (re.compile(r"dense_4h_to_h\.weight$"), "--ffn-hidden-size, --hidden-size"),
+    (re.compile(r"dense_4h_to_h\.weight$"), "--ffn-hidden-size, --hidden-size, --moe-layer-freq"),
     (re.compile(r"(attn|ffn)_post_norm"), "--use-sandwich-norm"),
     (re.compile(r"norm\.bias$"), "--normalization (LayerNorm has a bias, RMSNorm none)"),
     (re.compile(r"norm\.weight$"), "--hidden-size"),

@@ -13,6 +13,8 @@ class ConversionReport:
     source: str = ""
     source_format: str = ""
     source_layout: Tuple[int, int, int] = (1, 1, 1)  # tp, pp, virtual chunks
+    source_experts: Optional[Tuple[int, int]] = None
+    """Expert parallel and expert tensor parallel sizes of an MoE source (None for a dense model)."""
     checkpoint_version: Optional[int] = None
     iteration: int = 0
     files_read: int = 0
@@ -32,6 +34,10 @@ class ConversionReport:
     target: str = ""
     target_format: str = ""
     target_layout: Tuple[int, int] = (1, 1)
+    target_experts: Optional[Tuple[int, int]] = None
+    """Expert parallel and expert tensor parallel sizes written (MoE models)."""
+    experts: Dict[str, int] = field(default_factory=dict)
+    """MoE tensors of the whole model by kind (router, experts, shared experts), counted in the summary."""
     written: List[str] = field(default_factory=list)
     verify: Optional[Dict[str, float]] = None
     started: float = field(default_factory=time.time)
@@ -52,13 +58,15 @@ class ConversionReport:
         version = f", checkpoint version {self.checkpoint_version}" if self.checkpoint_version is not None else ""
         lines = [
             f"converted {self.source_format} checkpoint {self.source} (iteration {self.iteration}, "
-            f"TP={tp} x PP={pp}{vpp}{version}, files read: {self.files_read})",
+            f"TP={tp} x PP={pp}{vpp}{_experts(self.source_experts)}{version}, files read: {self.files_read})",
             f"  into {self.target_format} checkpoint {self.target} (TP={self.target_layout[0]} x "
-            f"PP={self.target_layout[1]}, files written: {len(self.written)})",
+            f"PP={self.target_layout[1]}{_experts(self.target_experts)}, files written: {len(self.written)})",
             f"  model: {self.model}",
             f"  weights: {self.placed} source tensors placed into {self.parameters} parameters "
             f"({self.values:,} values); vocabulary rows {self.vocab_rows[0]} -> {self.vocab_rows[1]}",
         ]
+        if self.experts:
+            lines.append("  of which Mixture of Experts: " + ", ".join(f"{n} {k}" for k, n in self.experts.items()))
         for reason, entries in sorted(self.ignored.items()):
             lines.append(f"  ignored {len(entries)} entries: {reason} (e.g. {entries[0]})")
         if self.not_converted:
@@ -74,3 +82,7 @@ class ConversionReport:
                          f"{v['max_abs_diff']:.3g}, relative {v['relative']:.3g}, {int(v['tokens'])} tokens)")
         lines.append(f"  done in {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+def _experts(layout: Optional[Tuple[int, int]]) -> str:
+    return "" if layout is None else f" x EP={layout[0]} (expert TP={layout[1]})"

@@ -6,12 +6,17 @@ How each tensor is split over tensor-parallel ranks (Megatron's and mindtron's l
     query_key_value weight and bias  rows (whole key/value groups per rank)    column parallel
     dense_h_to_4h weight and bias    rows; with SwiGLU each rank holds its own [gate_r; up_r]
     dense, dense_4h_to_h weight      columns                                   row parallel
-    everything else                  replicated (norms, row-parallel biases, position embeddings)
+    everything else                  replicated (norms, row-parallel biases, position embeddings, routers)
+
+Routed experts (stacked [E, ...]) are split by expert over the expert-parallel ranks (contiguous blocks: rank r
+holds experts r x E/EP ...) and each expert like a dense MLP over the expert tensor-parallel ranks: the first
+projection by rows (dimension 1 of the stack, [gate_r; up_r] per rank with SwiGLU), the second by columns
+(dimension 2). Shared experts are split over the tensor-parallel ranks like the dense MLP.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,7 +33,12 @@ class SplitRule:
 
 
 def split_rule(name: str, gated: bool) -> SplitRule:
-    """The split rule of canonical tensor `name` (`gated`: the model uses SwiGLU)."""
+    """The split rule of canonical tensor `name` over the tensor-parallel group that holds it (the expert
+    tensor-parallel group for routed experts); `gated`: the model uses SwiGLU."""
+    if N.is_expert(name):
+        if name.endswith(("dense_h_to_4h.weight", "dense_h_to_4h.bias")):
+            return SplitRule(1, glu=gated)
+        return SplitRule(2) if name.endswith("dense_4h_to_h.weight") else SplitRule(None)
     if name in (N.WORD, N.OUTPUT, N.HEAD_COPY) or name.endswith("query_key_value.weight") \
             or name.endswith("query_key_value.bias"):
         return SplitRule(0)
@@ -150,23 +160,52 @@ def stage_tensors(full: Dict[str, np.ndarray], plan: StagePlan, untied: bool, pp
 
 
 def split_stage(stage: Dict[str, np.ndarray], tp: int, gated: bool) -> List[Dict[str, np.ndarray]]:
-    """A stage's whole tensors as `tp` per-rank dicts."""
+    """A stage's whole tensors except routed experts as `tp` per-rank dicts."""
     ranks: List[Dict[str, np.ndarray]] = [{} for _ in range(tp)]
     for name, tensor in stage.items():
+        if N.is_expert(name):
+            continue
         for rank, shard in enumerate(split_tp(tensor, split_rule(name, gated), tp, name)):
             ranks[rank][name] = shard
     return ranks
 
 
-def check_target_layout(config, tp: int, pp: int, num_layer_list: Optional[Sequence[int]]) -> None:
-    """ValueError naming the flag when the model cannot be laid out over tp x pp."""
+def split_stage_experts(stage: Dict[str, np.ndarray], ep: int, etp: int,
+                        gated: bool) -> Dict[Tuple[int, int], Dict[str, np.ndarray]]:
+    """A stage's routed experts as (expert-parallel rank, expert tensor-parallel rank) -> that rank's stacks
+    [E / ep, ...] (empty dicts for a stage without MoE layers)."""
+    ranks: Dict[Tuple[int, int], Dict[str, np.ndarray]] = {(e, t): {} for e in range(ep) for t in range(etp)}
+    for name, tensor in stage.items():
+        if not N.is_expert(name):
+            continue
+        if tensor.shape[0] % ep:
+            raise ValueError(f"{name}: {tensor.shape[0]} experts cannot be spread over expert-parallel size {ep}")
+        for ep_rank, block in enumerate(np.split(tensor, ep, axis=0)):
+            for etp_rank, shard in enumerate(split_tp(block, split_rule(name, gated), etp, name)):
+                ranks[(ep_rank, etp_rank)][name] = np.ascontiguousarray(shard)
+    return ranks
+
+
+def check_target_layout(config, tp: int, pp: int, num_layer_list: Optional[Sequence[int]], ep: int = 1,
+                        etp: Optional[int] = None) -> None:
+    """ValueError naming the flag when the model cannot be laid out over tp x pp (x ep experts, each split
+    over etp ranks; etp defaults to tp)."""
+    if min(tp, pp, ep, tp if etp is None else etp) < 1:
+        raise ValueError("--target-tensor-parallel-size, --target-pipeline-parallel-size, "
+                         "--target-expert-parallel-size and --target-expert-tensor-parallel-size must be >= 1")
+    dense_ffn = (config.ffn_hidden_size,) if not all(config.moe_config.is_moe_layer(i, config.num_layers)
+                                                     for i in range(config.num_layers)) else ()
     for value, what in ((config.num_attention_heads, "--num-attention-heads"),
                         (config.num_query_groups, "the number of key/value groups (--num-query-groups)"),
-                        (config.ffn_hidden_size, "--ffn-hidden-size")):
+                        *((v, "--ffn-hidden-size") for v in dense_ffn)):
         if value % tp:
             raise ValueError(f"{what} = {value} is not divisible by --target-tensor-parallel-size {tp}")
-    if pp < 1 or tp < 1:
-        raise ValueError("--target-tensor-parallel-size and --target-pipeline-parallel-size must be >= 1")
+    try:  # the expert layout checks training runs, in the converter's flag names
+        config.moe_config.validate_parallel(tp, ep, tp if etp is None else etp, True, config.add_bias_linear)
+    except ValueError as e:
+        raise ValueError(str(e).replace("--expert-model-parallel-size", "--target-expert-parallel-size")
+                         .replace("--expert-tensor-parallel-size", "--target-expert-tensor-parallel-size")
+                         .replace("--tensor-model-parallel-size", "--target-tensor-parallel-size")) from None
     try:
         plan_stages(config.num_layers, pp, num_layer_list)
     except ValueError as e:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mindtron.convert.safe_pickle import plain_value
 from mindtron.legacy_model.config import TransformerConfig, pad_vocab_size
+from mindtron.parallel_core.moe.config import MoEConfig
 
 # Megatron argument names (dests) the converter reads; an override of any other flag is reported as ignored.
 MODEL_ARGS = (
@@ -29,10 +30,22 @@ MODEL_ARGS = (
     "apply_query_key_layer_scaling", "use_sandwich_norm", "attn_post_norm_scale", "ffn_post_norm_scale",
     "init_method_std", "attention_dropout", "hidden_dropout", "num_experts", "qk_layernorm",
     "multi_latent_attention", "layernorm_zero_centered_gamma",
+    # Mixture of Experts (MoEConfig's fields are Megatron's dests)
+    "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_topk", "moe_router_score_function",
+    "moe_router_pre_softmax", "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_router_dtype",
+    "moe_router_force_load_balancing", "moe_input_jitter_eps", "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_expert_capacity_factor", "moe_token_drop_policy",
+    "moe_pad_expert_input_to_capacity", "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_apply_probs_on_input",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_overlap", "moe_shared_expert_gate",
+    "moe_layer_recompute", "moe_per_layer_logging", "moe_mlp_glu_interleave_size",
+    "moe_shared_expert_glu_interleave_size", "moe_latent_size", "moe_router_force_biased",
+    "activation_func_clamp_value", "glu_linear_offset",
 )
+# MoEConfig fields with no Megatron flag (mindtron's own): kept from a mindtron checkpoint's model_config.
+_MINDTRON_MOE_FIELDS = ("first_k_dense_replace", "enable_gmm_safe_tokens")
 # Features mindtron's GPT does not have: a checkpoint that uses one cannot be converted faithfully.
 _UNSUPPORTED = {
-    "num_experts": "Mixture-of-Experts layers (--num-experts)",
     "qk_layernorm": "query/key layer norms (--qk-layernorm)",
     "multi_latent_attention": "multi-latent attention (--multi-latent-attention)",
     "apply_layernorm_1p": "LayerNorm with weights stored as 1 + w (--apply-layernorm-1p)",
@@ -40,6 +53,13 @@ _UNSUPPORTED = {
     "layernorm_zero_centered_gamma": "LayerNorm with weights stored as 1 + w (--apply-layernorm-1p)",
     "rotary_interleaved": "interleaved rotary embeddings (--rotary-interleaved)",
     "use_rope_scaling": "Llama-3.1 rope scaling (--use-rope-scaling)",
+    "moe_mlp_glu_interleave_size": "experts with interleaved GLU rows (--moe-mlp-glu-interleave-size)",
+    "moe_shared_expert_glu_interleave_size": "a shared expert with interleaved GLU rows "
+                                             "(--moe-shared-expert-glu-interleave-size)",
+    "moe_latent_size": "MoE experts in a latent space (--moe-latent-size)",
+    "moe_router_force_biased": "a router forced towards biased experts (--moe-router-force-biased)",
+    "activation_func_clamp_value": "clamped GLU activations (--activation-func-clamp-value)",
+    "glu_linear_offset": "an offset on the GLU's linear half (--glu-linear-offset)",
 }
 
 
@@ -106,6 +126,26 @@ def config_fields_from_megatron(args: Mapping[str, Any]) -> Dict[str, Any]:
     )
     if fields["max_position_embeddings"] is None:
         fields.pop("max_position_embeddings")
+    if args.get("num_experts"):
+        fields["moe_config"] = moe_fields_from_megatron(args)
+    return fields
+
+
+def moe_fields_from_megatron(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """MoEConfig keyword arguments from Megatron-named arguments (its fields carry Megatron's dests)."""
+    names = [f.name for f in dataclasses.fields(MoEConfig) if f.name not in _MINDTRON_MOE_FIELDS]
+    fields = {name: args[name] for name in names if args.get(name) is not None}
+    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):  # Megatron stores lists (nargs='+')
+        value = fields.get(name)
+        if isinstance(value, (list, tuple)):
+            fields[name] = value[0] if len(value) == 1 else list(value)
+    if isinstance(fields.get("moe_layer_freq"), tuple):
+        fields["moe_layer_freq"] = list(fields["moe_layer_freq"])
+    if fields.get("moe_token_dispatcher_type") not in (None, "allgather", "alltoall"):
+        # the flex dispatcher (DeepEP) moves tokens differently, with the same results; the converter only
+        # needs a dispatcher mindtron has, for --verify and for the stored model_config
+        fields["moe_token_dispatcher_type"] = "alltoall"
+    fields["num_experts"] = int(fields["num_experts"])
     return fields
 
 
@@ -137,6 +177,13 @@ def megatron_args_from_config(config: TransformerConfig) -> Dict[str, Any]:
     if c.use_sandwich_norm:
         args.update(use_sandwich_norm=True, attn_post_norm_scale=c.attn_post_norm_scale,
                     ffn_post_norm_scale=c.ffn_post_norm_scale)
+    args["num_experts"] = None
+    if c.moe_config.enabled:
+        moe = dataclasses.asdict(c.moe_config)
+        args.update({k: v for k, v in moe.items() if k not in _MINDTRON_MOE_FIELDS})
+        for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):  # Megatron's nargs='+' lists
+            if not isinstance(args[name], list):
+                args[name] = [args[name]]
     return args
 
 
@@ -202,9 +249,24 @@ class ModelSpec:
         c = self.config()
         groups = f" ({c.num_query_groups} query groups)" if c.num_query_groups != c.num_attention_heads else ""
         tie = "untied output layer" if c.untie_embeddings_and_output_weights else "tied embeddings"
-        return (f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads{groups}, "
+        text = (f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads{groups}, "
                 f"ffn {c.ffn_hidden_size}, {c.hidden_act}, {c.normalization}, positions {c.position_embedding_type}, "
                 f"{tie}, {'biases' if c.add_bias_linear else 'no linear biases'}")
+        moe = c.moe_config
+        if moe.enabled:
+            layers = [i for i in range(c.num_layers) if moe.is_moe_layer(i, c.num_layers)]
+            shared = (f", shared expert {moe.moe_shared_expert_intermediate_size}"
+                      f"{' (gated)' if moe.moe_shared_expert_gate else ''}"
+                      if moe.moe_shared_expert_intermediate_size else "")
+            bias = ", expert bias" if moe.moe_router_enable_expert_bias else ""
+            text += (f"; MoE layers {layers}: {moe.num_experts} experts of ffn {moe.moe_ffn_hidden_size}, top-"
+                     f"{moe.moe_router_topk} {moe.moe_router_score_function}{bias}{shared}")
+        return text
+
+    @property
+    def num_experts(self) -> Optional[int]:
+        """Routed experts per MoE layer (--num-experts); None for a dense model."""
+        return (self.fields.get("moe_config") or {}).get("num_experts")
 
 
 def megatron_args_dict(args: Any, where: str) -> Dict[str, Any]:
@@ -263,6 +325,11 @@ def spec_from_mindtron_args(meta_args: Mapping[str, Any], overrides: Mapping[str
     if model_config:  # mindtron-only options survive the round trip through Megatron's names
         for name in ("params_dtype", "compute_dtype", "embedding_init_dtype"):
             spec.fields.setdefault(name, model_config.get(name, "float32"))
+        stored_moe = model_config.get("moe_config") or {}
+        if "moe_config" in spec.fields:
+            for name in _MINDTRON_MOE_FIELDS:
+                if stored_moe.get(name) is not None:
+                    spec.fields["moe_config"][name] = stored_moe[name]
     return spec
 
 

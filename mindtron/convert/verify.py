@@ -2,8 +2,9 @@
 
 The written checkpoint is read back from disk (every rank's file, merged again), loaded into a
 single-process GPTModel, and its logits on a fixed batch are compared with logits that a float64 numpy
-forward pass, written here from the maths and independent of GPTModel's code, computes from the source's
-merged weights. The comparison covers the vocabulary columns both sides have (re-padding adds or drops
+forward pass, written here from the maths and independent of GPTModel's code (Mixture-of-Experts layers
+included; only the router's host-side top-k and capacity choices are shared with it), computes from the
+source's merged weights. The comparison covers the vocabulary columns both sides have (re-padding adds or drops
 only padding rows).
 """
 from __future__ import annotations
@@ -75,6 +76,90 @@ def _attention(c, x: np.ndarray, w, prefix: str) -> np.ndarray:
     return _linear(context, w, prefix + "dense.")
 
 
+def _route(moe, logits: np.ndarray, expert_bias: Optional[np.ndarray]) -> np.ndarray:
+    """Combine weights [T, E] (zero where a token does not go, or was dropped) of Megatron-Core's router in
+    evaluation: top-k of the scores (softmax over the chosen logits, or over all with pre-softmax; sigmoid or
+    sqrt-softplus scores renormalised over the chosen, an expert bias steering the choice only; sinkhorn
+    routing evaluates by its activation), scaled, then capacity dropping. The host-side top-k and capacity
+    choices are the router's own numpy functions."""
+    from mindtron.parallel_core.moe.router import (capacity_mask, expert_capacity, group_limited_topk_indices,
+                                                   topk_indices)
+
+    T, E = logits.shape
+    k = moe.moe_router_topk
+
+    def softmax(x):
+        z = np.exp(x - x.max(-1, keepdims=True))
+        return z / z.sum(-1, keepdims=True)
+
+    def choose(values):
+        if moe.moe_router_group_topk:
+            return group_limited_topk_indices(values, k, moe.moe_router_num_groups, moe.moe_router_group_topk)
+        return topk_indices(values, k)
+
+    if moe.moe_router_load_balancing_type == "sinkhorn":
+        scores = 1.0 / (1.0 + np.exp(-logits)) if k == 1 else softmax(logits)
+        index = topk_indices(scores, k)
+        chosen = np.take_along_axis(scores, index, 1)
+    elif moe.moe_router_score_function == "softmax":
+        if moe.moe_router_pre_softmax:
+            scores = softmax(logits)
+            index = choose(scores)
+            chosen = np.take_along_axis(scores, index, 1)
+        else:
+            index = choose(logits)
+            chosen = softmax(np.take_along_axis(logits, index, 1))
+    else:
+        scores = (1.0 / (1.0 + np.exp(-logits)) if moe.moe_router_score_function == "sigmoid"
+                  else np.sqrt(np.logaddexp(0.0, logits)))
+        index = choose(scores if expert_bias is None else scores + expert_bias[None, :])
+        chosen = np.take_along_axis(scores, index, 1)
+        if k > 1:
+            chosen = chosen / (chosen.sum(-1, keepdims=True) + 1e-20)
+    if moe.moe_router_topk_scaling_factor and moe.moe_router_load_balancing_type != "sinkhorn":
+        chosen = chosen * moe.moe_router_topk_scaling_factor
+    probs = np.zeros((T, E))
+    np.put_along_axis(probs, index, chosen, 1)
+    if moe.moe_expert_capacity_factor is not None:
+        routed = np.zeros((T, E), bool)
+        np.put_along_axis(routed, index, True, 1)
+        capacity = expert_capacity(T, E, k, moe.moe_expert_capacity_factor)
+        probs = probs * capacity_mask(probs, routed, capacity, moe.moe_token_drop_policy)
+    return probs
+
+
+def _moe_mlp(c, x: np.ndarray, w, prefix: str) -> np.ndarray:
+    """An MoE layer's MLP on x [b, s, h]: the routed experts' weighted outputs (the weight scales the
+    activation, or with --moe-apply-probs-on-input the input) plus the (gated) shared expert. Tokens are
+    routed in Megatron's order, position-major (t = position x b + sample), which capacity dropping sees."""
+    moe = c.moe_config
+    b, s, h = x.shape
+    flat = x.transpose(1, 0, 2).reshape(s * b, h)
+    probs = _route(moe, _linear(flat, w, prefix + "router."), w.get(prefix + "router.expert_bias"))
+    out = np.zeros_like(flat)
+    experts = prefix + "experts."
+    for e in np.flatnonzero(probs.any(0)):
+        rows = np.flatnonzero(probs[:, e])
+        p = probs[rows, e][:, None]
+        expert = {part: w[experts + part][e] for part in ("dense_h_to_4h.weight", "dense_h_to_4h.bias",
+                                                          "dense_4h_to_h.weight", "dense_4h_to_h.bias")
+                  if experts + part in w}
+        if moe.moe_apply_probs_on_input:
+            out[rows] += _linear(_act(c, _linear(flat[rows] * p, expert, "dense_h_to_4h.")), expert, "dense_4h_to_h.")
+        else:
+            out[rows] += _linear(_act(c, _linear(flat[rows], expert, "dense_h_to_4h.")) * p,
+                                 {"weight": expert["dense_4h_to_h.weight"]}, "")
+            if "dense_4h_to_h.bias" in expert:
+                out[rows] += p * expert["dense_4h_to_h.bias"]
+    shared = prefix + "shared_experts."
+    if shared + "dense_h_to_4h.weight" in w:
+        y = _linear(_act(c, _linear(flat, w, shared + "dense_h_to_4h.")), w, shared + "dense_4h_to_h.")
+        if shared + "gate_weight" in w:
+            y = y / (1.0 + np.exp(-(flat @ w[shared + "gate_weight"].T)))
+        out = out + y
+    return out.reshape(s, b, h).transpose(1, 0, 2)
+
+
 def reference_logits(config, tensors: Dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
     """Logits [b, s, vocab rows] of the whole model `tensors` (canonical names), causal, in float64."""
     c = config
@@ -88,8 +173,11 @@ def reference_logits(config, tensors: Dict[str, np.ndarray], tokens: np.ndarray)
         if c.use_sandwich_norm:
             attn = _norm(c, attn, w, p + "attn_post_norm.")
         x = x + attn
-        mlp = _linear(_act(c, _linear(_norm(c, x, w, p + "post_attention_norm."), w, p + "mlp.dense_h_to_4h.")),
-                      w, p + "mlp.dense_4h_to_h.")
+        normed = _norm(c, x, w, p + "post_attention_norm.")
+        if c.moe_config.is_moe_layer(i, c.num_layers):
+            mlp = _moe_mlp(c, normed, w, p + "mlp.")
+        else:
+            mlp = _linear(_act(c, _linear(normed, w, p + "mlp.dense_h_to_4h.")), w, p + "mlp.dense_4h_to_h.")
         if c.use_sandwich_norm:
             mlp = _norm(c, mlp, w, p + "ffn_post_norm.")
         x = x + mlp
@@ -158,7 +246,11 @@ def _for_checking(config, seq: int):
     import dataclasses
 
     optional = {f.name: False for f in dataclasses.fields(config) if f.name == "jit_layers"}
-    return dataclasses.replace(config, seq_length=seq, attention_dropout_rate=0.0, hidden_dropout_rate=0.0,
+    # routing as in evaluation, in one process: no random logits, no recomputation, one dispatcher
+    moe = dataclasses.replace(config.moe_config, moe_router_force_load_balancing=False, moe_layer_recompute=False,
+                              moe_token_dispatcher_type="allgather", moe_input_jitter_eps=None)
+    return dataclasses.replace(config, seq_length=seq, moe_config=moe, attention_dropout_rate=0.0,
+                               hidden_dropout_rate=0.0,
                                **optional, sequence_parallel=False, recompute_granularity=None,
                                recompute_method=None, num_layer_list=None, params_dtype="float32",
                                compute_dtype="float32", embedding_init_dtype="float32", use_flash_attention=False)
