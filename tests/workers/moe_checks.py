@@ -1,12 +1,15 @@
 """MoE training runs under expert-parallel layouts; each returns its loss curve, gradient norms and MoE
 statistics, so tests can compare them with the single-process run. Used in one process (pytest itself)
 and on 2 and 4 ranks through run_on_ranks."""
+import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from mindtron.parallel_core import comm
 from mindtron.parallel_core.moe import MoEConfig
+from mindtron.training.hot_expert_monitor import ColdHotExpertMonitor
 from workers.training_checks import make_config, train
 
 STEPS = 3
@@ -21,19 +24,26 @@ def moe_options(layers: int = 2, **moe) -> dict:
     return {"moe_config": MoEConfig(**settings), "add_bias_linear": False, "num_layers": layers}
 
 
-def run(ep=1, tp=1, sp=False, pp=1, etp=None, vpp=None, layers=2, steps=STEPS, moe=None, **training) -> dict:
-    """pretrain() of the MoE GPT under a layout; the result of training_checks.train plus MoE statistics."""
-    stats = []
+def run(ep=1, tp=1, sp=False, pp=1, etp=None, vpp=None, layers=2, steps=STEPS, moe=None, callbacks=None,
+        **training) -> dict:
+    """pretrain() of the MoE GPT under a layout; the result of training_checks.train plus MoE statistics, the
+    hot-expert choices of a ColdHotExpertMonitor and the bytes this rank sent (comm.traffic())."""
+    stats, choices = [], []
 
     def keep(trainer):
         stats.extend(r.moe for r in trainer.history)
+        choices.extend(c for cb in trainer.callbacks.find(ColdHotExpertMonitor) for c in cb.choices)
 
     config = make_config(tp=tp, sp=sp, pp=pp, vpp=vpp, ep=ep, etp=etp, steps=steps,
                          model_options=moe_options(layers, **(moe or {})),
                          eval_interval=None, eval_iters=0, **training)
-    result = train(config, on_finish=keep)
+    comm.reset_traffic()
+    result = train(config, on_finish=keep, callbacks=callbacks)
+    result["traffic"] = comm.traffic()
     result["moe_losses"] = [s.losses for s in stats]
     result["tokens"] = [{k: v.tolist() for k, v in s.tokens_per_expert.items()} for s in stats]
+    result["kept"] = [{k: v.tolist() for k, v in s.kept_tokens_per_expert.items()} for s in stats]
+    result["choices"] = choices
     return result
 
 
@@ -46,11 +56,15 @@ def resume_across(first: dict, second: dict, steps: int = STEPS, save_at: int = 
         root = tempfile.mkdtemp(prefix="mindtron_moe_ckpt_")
     try:
         head = run(steps=steps, output_dir=root, exit_interval=save_at, **first)
+        meta = sorted(Path(root).glob(f"iter_{save_at:07d}/mp_rank_*/meta.json"))[0]
+        saved_callbacks = json.loads(meta.read_text())["callbacks"]
+        comm.barrier()
         tail = run(steps=steps, load_checkpoint=root, **second)
     finally:
         comm.barrier()
         shutil.rmtree(root, ignore_errors=True)
-    return {"resumed": head["loss"] + tail["loss"], "last_stage": tail["last_stage"]}
+    return {"resumed": head["loss"] + tail["loss"], "last_stage": tail["last_stage"],
+            "choices": head["choices"] + tail["choices"], "saved_callbacks": saved_callbacks}
 
 
 def layouts_2() -> dict:
@@ -79,3 +93,4 @@ def layouts_4() -> dict:
         "ep2_tp2_sp_alltoall": run(ep=2, tp=2, sp=True, moe={"moe_token_dispatcher_type": "alltoall"}),
         "ep2_pp2_vpp2_4_layers": run(ep=2, pp=2, vpp=2, layers=4, moe={"moe_token_dispatcher_type": "alltoall"}),
     }
+
