@@ -13,6 +13,11 @@ from mindtron.training.hot_expert_monitor import ColdHotExpertMonitor
 from workers.training_checks import make_config, train
 
 STEPS = 3
+# hot experts: dropless (the same model as without), re-chosen every iteration
+HOT = {"moe_token_dispatcher_type": "alltoall", "enable_cold_hot_expert": True, "hot_expert_num": 1,
+       "hot_expert_update_step": 1}
+# with drops: the cold experts get half the capacity, re-chosen every 2 iterations
+HOT_DROPS = {**HOT, "hot_expert_update_step": 2, "moe_expert_capacity_factor": 1.0, "cold_token_percent": 0.5}
 
 
 def moe_options(layers: int = 2, **moe) -> dict:
@@ -70,7 +75,7 @@ def resume_across(first: dict, second: dict, steps: int = STEPS, save_at: int = 
 def layouts_2() -> dict:
     """On 2 ranks: EP=2 with either dispatcher, grouped experts, the distributed optimizer; TP=2 with sequence
     parallel and its experts spread over the two ranks (expert tensor parallel 1, EP=2); checkpoints saved at
-    EP=2 resumed at EP=2 and EP=1 (also with the distributed optimizer)."""
+    EP=2 resumed at EP=2 and EP=1 (also with the distributed optimizer); hot experts."""
     return {
         "ep2_allgather": run(ep=2),
         "ep2_alltoall": run(ep=2, moe={"moe_token_dispatcher_type": "alltoall"}),
@@ -81,16 +86,25 @@ def layouts_2() -> dict:
         "resume_ep2_to_ep1": resume_across(dict(ep=2), dict(ep=1)),
         "resume_ep2_distopt_to_ep1": resume_across(dict(ep=2, use_distributed_optimizer=True),
                                                    dict(ep=1, use_distributed_optimizer=True)),
+        # hot experts: the single-process model, also under TP=2 + SP; with drops, stopped after iteration 1
+        # (its monitor holding one iteration's counts) and resumed
+        "ep2_hot": run(ep=2, moe=HOT),
+        "tp2_sp_ep2_etp1_hot": run(tp=2, sp=True, ep=2, etp=1, moe=HOT),
+        "ep2_hot_drops": run(ep=2, moe=HOT_DROPS),
+        "resume_ep2_hot_drops": resume_across(dict(ep=2, moe=HOT_DROPS), dict(ep=2, moe=HOT_DROPS), save_at=1),
     }
 
 
 def layouts_4() -> dict:
     """On 4 ranks: EP=4; EP=2 x TP=2 (+SP, experts split over tp too) with both dispatchers; EP=2 x PP=2 x
-    virtual stages 2 (4 layers: one per model chunk)."""
+    virtual stages 2 (4 layers: one per model chunk); hot experts at EP=4 and at EP=2 x expert DP 2."""
     return {
         "ep4_alltoall": run(ep=4, moe={"moe_token_dispatcher_type": "alltoall"}),
         "ep2_tp2_sp": run(ep=2, tp=2, sp=True),
         "ep2_tp2_sp_alltoall": run(ep=2, tp=2, sp=True, moe={"moe_token_dispatcher_type": "alltoall"}),
         "ep2_pp2_vpp2_4_layers": run(ep=2, pp=2, vpp=2, layers=4, moe={"moe_token_dispatcher_type": "alltoall"}),
+        # hot experts at EP=4 (2 of 4 experts hot) and at EP=2 with expert data parallel 2
+        "ep4_hot": run(ep=4, moe={**HOT, "hot_expert_num": 2}),
+        "ep2_edp2_hot": run(ep=2, moe=HOT),
     }
 

@@ -33,7 +33,7 @@ from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.tensor_parallel.initialization import ShardSpec, make_parameter
 from mindtron.parallel_core.tensor_parallel.layers import add_bias
 from mindtron.parallel_core.tensor_parallel.utils import expand_last
-from mindtron.parallel_core.moe.mappings import gather_rows
+from mindtron.parallel_core.moe.mappings import after, gather_rows
 
 
 def _expert_parameter(full_shape, partition_dim, stride, etp_group, ep_group, init_method, dtype):
@@ -87,13 +87,14 @@ class Experts(nn.Cell):
         if self.moe.moe_apply_probs_on_input:
             tokens = tokens * expand_last(probs.astype(tokens.dtype), tokens.shape[-1])
             probs = ops.ones_like(probs)
+        if tokens.shape[0] == 0 and not (self.moe.moe_grouped_gemm and self.moe.enable_gmm_safe_tokens):
+            # no rows: the result still uses the weights, so that their moves' backward runs here as elsewhere
+            return after(tokens, probs)
         if not self.moe.moe_grouped_gemm:
-            return self._loop(tokens, counts, probs, weights) if tokens.shape[0] else tokens
+            return self._loop(tokens, counts, probs, weights)
         real = None
         if self.moe.enable_gmm_safe_tokens:
             tokens, counts, probs, real = _add_safe_rows(tokens, counts, probs)
-        if tokens.shape[0] == 0:
-            return tokens
         out = (self._grouped_kernel if self.use_kernel else self._grouped_rows)(tokens, counts, probs, weights)
         return out if real is None else gather_rows(out, real)
 

@@ -29,6 +29,7 @@ from mindspore import Tensor, nn, ops
 from mindtron.parallel_core import comm
 from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.moe.experts import ExpertWeights
+from mindtron.parallel_core.moe.mappings import after as ordered_after
 from mindtron.parallel_core.moe.mappings import gather_rows
 
 
@@ -107,7 +108,7 @@ class HotExperts:
             owned = int(mine.sum())
             self.exchange.forward_bytes = expert_bytes * owned * (self.group.size - 1)
             self.exchange.backward_bytes = expert_bytes * (len(self.hot) - owned)
-            packed = self.exchange(packed + (after.sum() * 0.0).astype(packed.dtype))
+            packed = self.exchange(ordered_after(packed, after))
         widths = [int(np.prod(t.shape[1:])) for t in tensors]
         parts = ops.split(packed, widths, 1) if len(widths) > 1 else [packed]
         unpacked = iter(p.reshape((len(self.hot),) + tuple(t.shape[1:])) for p, t in zip(parts, tensors))

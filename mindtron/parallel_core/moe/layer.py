@@ -24,7 +24,7 @@ from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.moe.dispatcher import build_dispatcher
 from mindtron.parallel_core.moe.experts import Experts
 from mindtron.parallel_core.moe.hot_experts import HotExperts
-from mindtron.parallel_core.moe.mappings import gather_rows, scatter_add_rows
+from mindtron.parallel_core.moe.mappings import after, gather_rows, scatter_add_rows
 from mindtron.parallel_core.moe.router import TopKRouter
 
 
@@ -93,7 +93,7 @@ class MoELayer(nn.Cell):
         replicas = hot.replicas(self.experts.local_weights(), after=cold_out)
         column, token_index = np.nonzero(hot_map.T)  # expert by expert, tokens in order
         if token_index.size == 0:  # still use the replicas: every rank's backward exchanges their gradients
-            return ops.zeros_like(cold_out) + (replicas.w1.sum() * 0.0).astype(cold_out.dtype)
+            return after(ops.zeros_like(cold_out), replicas.w1)
         T = hot_map.shape[0]
         pair = (hot.hot[column] * T + token_index).astype(np.int32)
         weights = gather_rows(ops.transpose(probs, (1, 0)).reshape(-1), pair)
