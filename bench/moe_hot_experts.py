@@ -6,14 +6,16 @@ per-expert bias, so a few experts get most tokens).
     msrun --worker_num 4 --local_worker_num 4 --master_port 8126 --join True python bench/moe_hot_experts.py
     python bench/moe_hot_experts.py --tiny --steps 1     # one process (EP=1, nothing to send): a smoke test
 
-Expert parallel = the number of processes (data parallel the same). Two trainers of the same model and seed
-alternate step by step: all experts dispatched by the all-to-all, and `--hot-experts` hot experts per layer
+Expert parallel = the number of processes (data parallel the same). Two trainers of the same model, seed,
+data and random router logits (so they route alike) alternate step by step: all experts dispatched by the
+all-to-all, and `--hot-experts` hot experts per layer
 (chosen after the warm-up step from the routed counts, as the ColdHotExpertMonitor would). Printed per
 variant: bytes the job's all-to-alls sent per step (summed over ranks, counting what a native all-to-all
 sends: rows for other ranks, dispatch and combine, forward and backward), bytes of the hot experts' weight
 and gradient exchange, median step time and tokens/s; then the hot experts' share of the routed pairs and
-the all-to-all ratio hot / plain, whose target is at most 1 - that share. With the default cold token
-percent 1 and no capacity limit both variants train the same model.
+the all-to-all ratio hot / plain, whose target is at most 1 - that share (the share: the hot experts' part
+of the pairs the plain variant computed, i.e. of its all-to-all rows, in expectation). With the default cold
+token percent 1 and no capacity limit both variants train the same model.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def main(argv=None) -> dict:
     import numpy as np
     from mindspore import Tensor
     from mindtron.parallel_core import comm
+    from mindtron.parallel_core import tensor_parallel as tp
     from mindtron.parallel_core.moe import MoELayer
     from mindtron.parallel_core.moe.hot_experts import choose_hot_experts
     from mindtron.parallel_core.runtime import init_runtime
@@ -101,8 +104,11 @@ def main(argv=None) -> dict:
     times = {name: [] for name in trainers}
     sent = {name: {"all_to_all": [], "hot_expert_sync": []} for name in trainers}
     hot_pairs = all_pairs = 0
+    rng = tp.get_rng_tracker()
     for step in range(args.warmup + args.steps):
+        draws = rng.get_states()
         for name, trainer in trainers.items():  # alternate: load on the machine hits both alike
+            rng.set_states(draws)  # the same random router logits: both variants route alike
             comm.barrier()
             comm.reset_traffic()
             start = time.perf_counter()
@@ -118,9 +124,9 @@ def main(argv=None) -> dict:
             times[name].append(seconds)
             for kind in sent[name]:
                 sent[name][kind].append(total(traffic.get(kind, 0)))
-            if name == "hot":
+            if name == "plain":  # the plain run's traffic that belongs to the hot experts: their kept pairs
                 for layer in layers:
-                    counts = result.moe.tokens_per_expert[layer.layer_number - 1]
+                    counts = result.moe.kept_tokens_per_expert[layer.layer_number - 1]
                     hot_pairs += int(counts[layer.hot_experts.hot].sum())
                     all_pairs += int(counts.sum())
     rows = {}
@@ -139,8 +145,8 @@ def main(argv=None) -> dict:
             print(f"| {name} | {a2a / 1e6:.3f} | {sync / 1e6:.3f} | {(a2a + sync) / 1e6:.3f} | {step_s * 1000:.0f} "
                   f"| {tokens / step_s:.1f} |")
         ratio = rows["hot"][0] / rows["plain"][0] if rows["plain"][0] else float("nan")
-        print(f"hot experts' share of the routed pairs: {share:.3f}")
-        print(f"all-to-all bytes hot / plain: {ratio:.3f} (target <= 1 - share = {1 - share:.3f}); "
+        print(f"hot experts' share of the pairs the plain variant computed: {share:.4f}")
+        print(f"all-to-all bytes hot / plain: {ratio:.4f} (target <= 1 - share = {1 - share:.4f}); "
               f"tokens/s hot / plain: {rows['plain'][2] / rows['hot'][2]:.3f}")
     return {"rows": rows, "share": share}
 
