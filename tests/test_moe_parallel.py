@@ -10,7 +10,8 @@ from workers import moe_checks
 
 LAYOUTS_2 = ["ep2_allgather", "ep2_alltoall", "ep2_grouped", "ep2_distopt", "tp2_sp_ep2_etp1", "ep2_hot",
              "tp2_sp_ep2_etp1_hot"]
-LAYOUTS_4 = ["ep4_alltoall", "ep2_tp2_sp", "ep2_tp2_sp_alltoall", "ep2_pp2_vpp2_4_layers", "ep4_hot", "ep2_edp2_hot"]
+LAYOUTS_4 = ["ep4_alltoall", "ep2_tp2_sp", "ep2_tp2_sp_alltoall", "ep2_pp2_vpp2_4_layers", "ep4_hot", "ep2_edp2_hot",
+             "ep2_pp2_hot"]
 
 
 @pytest.fixture(scope="module")

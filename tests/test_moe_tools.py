@@ -29,7 +29,7 @@ from mindtron.parallel_core.moe.router import expert_capacity
 from mindtron.training.callbacks import (HOOKS, Callback, CallbackList, TrainState, build_callback, build_callbacks,
                                          register_callback)
 from mindtron.training.hot_expert_monitor import ColdHotExpertMonitor
-from mindtron.training.moe_callbacks import MoEDropRateCallback, TokenDistributionMonitor
+from mindtron.training.moe_callbacks import MoEDropRateCallback
 from mindtron.training.token_distribution import hottest_experts, load_token_distribution, main as plot_main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -41,7 +41,7 @@ import difflib
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 __all__ = ["Callback", "TrainState", "CallbackList", "register_callback", "build_callback", "build_callbacks",
            "HOOKS", "registered_callbacks"]

@@ -97,14 +97,15 @@ def layouts_2() -> dict:
 
 def layouts_4() -> dict:
     """On 4 ranks: EP=4; EP=2 x TP=2 (+SP, experts split over tp too) with both dispatchers; EP=2 x PP=2 x
-    virtual stages 2 (4 layers: one per model chunk); hot experts at EP=4 and at EP=2 x expert DP 2."""
+    virtual stages 2 (4 layers: one per model chunk); hot experts at EP=4, EP=2 x expert DP 2, EP=2 x PP=2."""
     return {
         "ep4_alltoall": run(ep=4, moe={"moe_token_dispatcher_type": "alltoall"}),
         "ep2_tp2_sp": run(ep=2, tp=2, sp=True),
         "ep2_tp2_sp_alltoall": run(ep=2, tp=2, sp=True, moe={"moe_token_dispatcher_type": "alltoall"}),
         "ep2_pp2_vpp2_4_layers": run(ep=2, pp=2, vpp=2, layers=4, moe={"moe_token_dispatcher_type": "alltoall"}),
-        # hot experts at EP=4 (2 of 4 experts hot) and at EP=2 with expert data parallel 2
+        # hot experts at EP=4 (2 of 4 experts hot), at EP=2 with expert data parallel 2, and at EP=2 x PP=2
         "ep4_hot": run(ep=4, moe={**HOT, "hot_expert_num": 2}),
         "ep2_edp2_hot": run(ep=2, moe=HOT),
+        "ep2_pp2_hot": run(ep=2, pp=2, moe=HOT),
     }
 
