@@ -24,8 +24,10 @@ setup(
     # sentencepiece: --tokenizer-type SentencePieceTokenizer / GPTSentencePieceTokenizer / Llama2Tokenizer
     # (and their tests); transformers: --tokenizer-type HuggingFaceTokenizer.
     # monitor: TensorBoard event files (tensorboard's own writer and reader), W&B, tqdm progress bars.
+    # plot: tools/moe_token_distribution.py's pictures (matplotlib).
     extras_require={
-        "test": ["pytest>=7", "torch==2.13.0", "sentencepiece", "tensorboard", "wandb", "tqdm"],
+        "test": ["pytest>=7", "torch==2.13.0", "sentencepiece", "tensorboard", "wandb", "tqdm", "matplotlib"],
+        "plot": ["matplotlib"],
         "torch": ["torch>=2.6"],
         "monitor": ["tensorboard", "wandb", "tqdm"],
         "sentencepiece": ["sentencepiece"],

@@ -291,7 +291,7 @@ def test_every_flag_is_accepted_by_the_parser():
             else:
                 value = {int: "3", float: "0.5", mf.layer_freq: "2", mf.int_tuple: "1,2", mf.layer_list: "1,1",
                          mf.cp_algo: "ulysses", mf.str_to_bool: "false", mf.truthy_text: "1",
-                         mf.cuda_graph_module: "attn"}.get(flag.type, "x")
+                         mf.cuda_graph_module: "attn", mf.callback_list: '[{"type": "X"}]'}.get(flag.type, "x")
                 tokens = [option] + [value] * (flag.nargs if isinstance(flag.nargs, int) else 1)
             parsed = parser.parse_args(tokens)
             assert hasattr(parsed, flag.dest), option

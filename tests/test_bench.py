@@ -40,3 +40,13 @@ def test_throughput_prints_the_table():
     assert float(rows["tokens/s"]) > 0
     assert 0 < float(rows["fraction of MindSpore matmul rate"]) < 1
     assert rows["layout"].startswith("tp 1, pp 1, dp 1")
+
+
+def test_moe_hot_experts_prints_traffic_and_the_target_line():
+    """One process (EP=1): nothing crosses ranks, but the table, the hot share and the ratio line print."""
+    lines = _run("moe_hot_experts.py", "--steps", "1", "--warmup", "1")
+    rows = {cells[1].strip(): cells[2:] for cells in (line.split("|") for line in lines if line.startswith("| "))}
+    assert set(rows) >= {"plain", "hot"} and float(rows["hot"][4]) > 0  # tokens/s
+    share = float(re.search(r"computed: (\d\.\d{4})", lines[-2]).group(1))
+    assert 0.3 < share < 1.0  # the biased router sends most pairs to the two hot experts
+    assert lines[-1].startswith("all-to-all bytes hot / plain: nan (target <= 1 - share")

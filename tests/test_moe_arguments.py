@@ -113,3 +113,80 @@ def test_moe_config_section_errors_name_the_key(tmp_path, text, message):
 def test_contradictory_moe_settings_fail_at_parse_time(extra, world, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         moe(extra, world_size=world)
+
+
+# Document 000's hot/cold and token-distribution blocks and document 001's drop-rate block, as written there
+# (001 spells the list `callback:`).
+TOOLS_YAML = """
+moe_config:
+  expert_num: 8
+  capacity_factor: 2.0
+  use_allgather_dispatcher: false
+  enable_cold_hot_expert: True
+  hot_expert_num: 1
+  cold_token_percent: 0.7
+  moe_module_name: "language_model.encoder.layers"
+  update_step: 50
+  save_token_distribution: true
+  callback_moe_droprate: True
+
+callback:
+- type: SummaryMonitor
+  summary_dir: "../summary_dir/token_distribution_dir"
+  keep_default_action: False
+  collect_freq: 1
+  collect_tensor_freq: 1
+  export_options: {'tensor_format':'npy'}
+- type: MoEDropRateCallback
+  expert_num: 8
+  capacity_factor: 2.0
+  num_layers: 4
+  mtp_depth: 1
+"""
+
+
+def test_documents_moe_tool_settings_land_in_the_configs(tmp_path):
+    from mindtron.training.callbacks import build_callbacks
+
+    path = tmp_path / "tools.yaml"
+    path.write_text(TOOLS_YAML)
+    config = init_configs_from_args(parse_args(args=BASE + ["--yaml-cfg", str(path)], world_size=1))
+    m = config.model_config.moe_config
+    assert (m.enable_cold_hot_expert, m.hot_expert_num, m.cold_token_percent) == (True, 1, 0.7)
+    assert (m.moe_module_name, m.hot_expert_update_step) == ("language_model.encoder.layers", 50)
+    assert m.save_token_distribution and m.callback_moe_droprate and m.moe_token_dispatcher_type == "alltoall"
+    assert [c["type"] for c in config.training_config.callbacks] == ["SummaryMonitor", "MoEDropRateCallback"]
+    built = build_callbacks(config)  # the listed ones, then the hot-expert monitor the options ask for
+    assert [type(c).__name__ for c in built] == ["TokenDistributionMonitor", "MoEDropRateCallback",
+                                                 "ColdHotExpertMonitor"]
+    assert built.callbacks[0].save_dir == "../summary_dir/token_distribution_dir" and built.callbacks[0].interval == 1
+    for option in ("--save-token-distribution", "--enable-cold-hot-expert", "--hot-expert-num", "--callbacks",
+                   "--token-distribution-dir", "--moe-router-force-biased", "--log-token-distribution"):
+        assert P.policy(mf.FLAGS_BY_OPTION[option]).status == P.IMPLEMENTED, option
+
+
+def test_moe_tool_flags_and_callbacks_on_the_command_line():
+    args = parse_args(args=BASE + MIXTRAL[:-1] + [
+        "--enable-cold-hot-expert", "--hot-expert-num", "2", "--cold-token-percent", "0.5",
+        "--moe-expert-capacity-factor", "1.25", "--hot-expert-update-step", "100", "--save-token-distribution",
+        "--token-distribution-dir", "/tmp/td", "--token-distribution-interval", "10", "--log-token-distribution",
+        "--moe-router-force-biased", "-2.5", "--callbacks", '[{"type": "MoEDropRateCallback", "mtp_depth": 0}]'],
+        world_size=1)
+    config = init_configs_from_args(args)
+    m, t = config.model_config.moe_config, config.training_config
+    assert (m.hot_expert_num, m.cold_token_percent, m.hot_expert_update_step) == (2, 0.5, 100)
+    assert m.moe_router_force_biased == -2.5 and m.save_token_distribution
+    assert (t.token_distribution_dir, t.token_distribution_interval, t.log_token_distribution) == ("/tmp/td", 10, True)
+    assert t.callbacks == [{"type": "MoEDropRateCallback", "mtp_depth": 0}]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--save-token-distribution"], "need an MoE model"),
+    (["--num-experts", "4", "--enable-cold-hot-expert", "--hot-expert-num", "1"], "alltoall"),
+    (["--num-experts", "4", "--moe-token-dispatcher-type", "alltoall", "--enable-cold-hot-expert"], "--hot-expert-num"),
+    (["--callbacks", "[{\"expert_num\": 8}]"], "each with a 'type'"),
+    (["--callbacks", "not json"], "is not JSON"),
+])
+def test_moe_tool_settings_fail_at_parse_time(extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(args=BASE + extra, world_size=1)

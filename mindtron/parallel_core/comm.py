@@ -35,7 +35,7 @@ __all__ = [
     "ProcessGroup", "Capabilities", "capabilities", "init_distributed", "is_distributed",
     "get_world_size", "get_rank", "world_group", "new_group",
     "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier", "exchange",
-    "Collective",
+    "Collective", "count_sent", "traffic", "reset_traffic",
 ]
 
 _REDUCE_OPS = ("sum", "max", "min")
@@ -242,10 +242,36 @@ def _chunk(x: Tensor, dim: int, index: int, parts: int) -> Tensor:
     return ops.narrow(x, dim, index * size, size)
 
 
+def _nbytes(x: Tensor) -> int:
+    return int(np.prod(x.shape)) * x.itemsize
+
+
 def _check_dim(x: Tensor, dim: int, what: str) -> int:
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"{what}: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}")
     return dim % x.ndim
+
+
+# --------------------------------------------------------------------------------------------------------
+# Traffic counters
+# --------------------------------------------------------------------------------------------------------
+_traffic: dict = {}  # kind -> bytes this rank sent to other ranks
+
+
+def count_sent(kind: str, nbytes: int) -> None:
+    """Add `nbytes` that this rank sends to other ranks under `kind` (what a native collective would move,
+    whatever construction runs underneath; the benchmarks read these)."""
+    _traffic[kind] = _traffic.get(kind, 0) + int(nbytes)
+
+
+def traffic() -> dict:
+    """Bytes this rank sent, by kind ("all_to_all", and what other modules count), since the last reset."""
+    return dict(_traffic)
+
+
+def reset_traffic() -> None:
+    """Set every traffic counter back to zero."""
+    _traffic.clear()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -422,6 +448,7 @@ def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None,
                              f"divisible by the group size {n}; pass input/output_split_sizes")
         if n == 1:
             return x
+        count_sent("all_to_all", _nbytes(x) * (n - 1) // n)
         if capabilities().all_to_all_even:
             return _primitive("all_to_all", group, split_dim, concat_dim)(x)
         pieces = ops.stack(ops.chunk(x, n, split_dim), 0)  # [n, *piece]: row j goes to rank j
@@ -439,6 +466,8 @@ def all_to_all(x: Tensor, group: Optional[ProcessGroup] = None,
         raise ValueError(f"all_to_all: input_split_sizes sum to {sum(send)} but x has {x.shape[0]} rows")
     if n == 1:
         return x
+    row_bytes = _nbytes(x) // max(x.shape[0], 1)
+    count_sent("all_to_all", row_bytes * (sum(send) - send[group.rank]))
     # Every rank's send sizes, so that all ranks agree on the buffer layout: [src, dst] -> rows.
     if split_matrix is not None:
         splits = np.asarray(split_matrix)

@@ -7,7 +7,8 @@
         optimizer_shard_dp000_of_002.safetensors       or, with the distributed optimizer, each data-parallel
                                                        rank's state pieces with their ranges (metadata)
         meta.json                                      iteration, consumed samples, scheduler, loss scaler,
-                                                       RNG states, parallel layout, arguments, CRC32 per file
+                                                       RNG states, parallel layout, arguments, CRC32 per file,
+                                                       the callbacks' state (training/callbacks.py)
     (mp_rank_XX_YYY with pipeline parallelism: XX tensor rank, YYY pipeline rank, as Megatron names them;
     with expert parallelism a further _ZZZ, the expert-parallel rank: each such directory holds the dense
     weights and that rank's experts, as Megatron's torch format does)
@@ -113,8 +114,10 @@ def read_latest_iteration(root: str) -> Optional[int]:
 
 def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=None, loss_scaler=None,
                     consumed_samples: int = 0, args: Optional[Dict[str, Any]] = None, save_optim: bool = True,
-                    save_rng: bool = True, keep_checkpoint_max: Optional[int] = None) -> Path:
-    """Write this rank's part of iteration `iteration` under `root`; every rank must call it."""
+                    save_rng: bool = True, keep_checkpoint_max: Optional[int] = None,
+                    callback_states: Optional[Dict[str, Any]] = None) -> Path:
+    """Write this rank's part of iteration `iteration` under `root`; every rank must call it.
+    `callback_states` (the run's CallbackList.state_dict()) goes into meta.json."""
     from mindtron.parallel_core.optimizer import Float16Optimizer, optimizer_state_dict
 
     if hasattr(optimizer, "finish_param_sync"):  # weights still waiting for the distributed optimizer's gather
@@ -156,7 +159,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer=None, scheduler=
             "rng": _rng_state() if save_rng else None,
             "layout": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "dp": layout.dp,
                        "vpp": layout.vpp, "etp": layout.etp, "directories": len(writers)},
-            "args": args or {}, "crc32": crcs,
+            "args": args or {}, "crc32": crcs, "callbacks": callback_states or {},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         _replace_dir(tmp, final)
@@ -265,10 +268,12 @@ def _restore_rng(saved: dict) -> None:
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scaler=None,
                     iteration: Optional[int] = None, load_optim: bool = True, load_rng: bool = True,
-                    finetune: bool = False, crc_check: bool = False, strict: bool = True) -> Tuple[int, int]:
+                    finetune: bool = False, crc_check: bool = False, strict: bool = True,
+                    callbacks=None) -> Tuple[int, int]:
     """Restore this rank's state from `root` (the latest iteration unless given).
 
-    Returns (iteration, consumed_samples); (0, 0) with `finetune`, which loads the weights only.
+    Returns (iteration, consumed_samples); (0, 0) with `finetune`, which loads the weights only. `callbacks`
+    (a CallbackList) gets the callbacks' saved state back (not with `finetune`).
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist (--load)")
@@ -322,6 +327,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
         optimizer.reload_main_params()
     if finetune:
         return 0, 0
+    if callbacks is not None:
+        callbacks.load_state_dict(meta.get("callbacks") or {})
     if load_optim and optimizer is not None:
         _load_optimizer(directory, optimizer, iteration_dir(root, iteration), saved, saved_iteration, experts)
         if scheduler is not None and meta["scheduler"] is not None:

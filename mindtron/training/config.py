@@ -213,6 +213,18 @@ class TrainingConfig:
     exit_on_missing_checkpoint: bool = False
     """With load_checkpoint set but holding no checkpoint, stop with an error instead of starting from
     scratch (--exit-on-missing-checkpoint)."""
+    # --- callbacks and the MoE tools of documents 000/001 ---
+    callbacks: Optional[List[dict]] = None
+    """Callbacks of the configuration, as [{"type": Name, argument: value, ...}] (the YAML `callbacks:` list
+    or --callbacks JSON; training/callbacks.py); pretrain(callbacks=...) adds instances after them."""
+    token_distribution_dir: Optional[str] = None
+    """Where --save-token-distribution writes its .npy files (--token-distribution-dir); default
+    <save>/token_distribution."""
+    token_distribution_interval: int = 1
+    """Iterations between token-distribution files (--token-distribution-interval)."""
+    log_token_distribution: bool = False
+    """Every log interval, log each MoE layer's most and least loaded expert over the mean
+    (--log-token-distribution)."""
 
 
 @dataclass

@@ -301,7 +301,14 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
         "moe_expert_capacity_factor", "moe_token_drop_policy", "moe_pad_expert_input_to_capacity",
         "moe_token_dispatcher_type", "moe_grouped_gemm", "enable_gmm_safe_tokens", "moe_apply_probs_on_input",
         "moe_shared_expert_intermediate_size", "moe_shared_expert_overlap", "moe_shared_expert_gate",
-        "moe_layer_recompute", "moe_per_layer_logging")),
+        "moe_layer_recompute", "moe_per_layer_logging", "moe_router_force_biased",
+        # documents 000/001's MoE tools
+        "save_token_distribution", "callback_moe_droprate", "enable_cold_hot_expert", "hot_expert_num",
+        "cold_token_percent", "moe_module_name", "hot_expert_update_step")),
+    ("callbacks", "training_config.callbacks"),
+    ("token_distribution_dir", "training_config.token_distribution_dir"),
+    ("token_distribution_interval", "training_config.token_distribution_interval"),
+    ("log_token_distribution", "training_config.log_token_distribution"),
 )
 
 

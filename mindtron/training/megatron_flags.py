@@ -342,6 +342,22 @@ def cp_algo(text) -> str:
                                          "hybrid") from None
 
 
+def callback_list(value) -> list:
+    """--callbacks: a JSON list of {"type": Name, argument: value, ...} mappings (in YAML, the `callbacks:`
+    list of document 000/001's layout)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"--callbacks {value!r} is not JSON ({err}); write a list such as "
+                                             '\'[{"type": "MoEDropRateCallback"}]\'') from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) and "type" in v for v in value):
+        raise argparse.ArgumentTypeError(f"callbacks must be a list of mappings, each with a 'type', got {value!r}")
+    return [dict(v) for v in value]
+
+
 _DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 _MINDTRON_MODEL = [
@@ -397,6 +413,11 @@ _MINDTRON_TRAINING = [
     val("--scale-window", int),
     val("--max-scale-window", int, 1000),
     val("--min-scale-window", int, 20),
+    # callbacks (YAML `callbacks:`) and where the MoE token distribution goes
+    val("--callbacks", callback_list),
+    val("--token-distribution-dir", str),
+    val("--token-distribution-interval", int, 1),
+    on("--log-token-distribution"),
 ]
 
 _MINDTRON_DATASET = [
@@ -409,6 +430,14 @@ _MINDTRON_DATASET = [
 _MINDTRON_MOE = [
     on("--enable-gmm-safe-tokens"),
     val("--first-k-dense-replace", int),
+    # documents 000/001's MoE tools (moe_config keys of the same names; update_step -> --hot-expert-update-step)
+    on("--save-token-distribution"),
+    on("--callback-moe-droprate"),
+    on("--enable-cold-hot-expert"),
+    val("--hot-expert-num", int, 0),
+    val("--cold-token-percent", float, 1.0),
+    val("--moe-module-name", str),
+    val("--hot-expert-update-step", int, 10000),
 ]
 
 _MINDTRON_PARALLEL = [

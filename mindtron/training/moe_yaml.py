@@ -124,6 +124,14 @@ MOE_YAML_KEYS: Dict[str, _Rule] = {
     "enable_gmm_safe_tokens": _to("enable_gmm_safe_tokens", bool),
     "use_fused_ops_permute": _to("moe_permute_fusion", bool),
     "use_fused_ops_topkrouter": _to("moe_router_fusion", bool),
+    # the MoE tools (documents 000/001)
+    "save_token_distribution": _to("save_token_distribution", bool),
+    "callback_moe_droprate": _to("callback_moe_droprate", bool),
+    "enable_cold_hot_expert": _to("enable_cold_hot_expert", bool),
+    "hot_expert_num": _to("hot_expert_num", int),
+    "cold_token_percent": _to("cold_token_percent", float),
+    "moe_module_name": _to("moe_module_name", str),
+    "update_step": _to("hot_expert_update_step", int),
 }
 
 MOE_YAML_NO_EFFECT: Dict[str, str] = {

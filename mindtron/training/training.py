@@ -31,6 +31,7 @@ from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossSc
 from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
 from mindtron.parallel_core.timers import get_timers
 from mindtron.training import checkpointing
+from mindtron.training.callbacks import CallbackList, TrainState, build_callbacks
 from mindtron.training.config import AllConfig
 from mindtron.training.logging import TrainingLogger
 from mindtron.training.num_microbatches import BatchSchedule, build_batch_schedule
@@ -200,6 +201,7 @@ class Trainer:
         self.history: List[StepResult] = []  # one entry per iteration trained by this Trainer
         self.eval_history: List[Tuple[int, float]] = []  # (iteration, validation loss) per evaluation
         self.exit_signal_received = False  # train() stopped on --exit-signal-handler's signal
+        self.callbacks: Optional[CallbackList] = None  # set by pretrain() (or train()) from the configuration
         self.clip = (config.optimizer_config.clip_grad if config.optimizer_config.clip_grad
                      else (config.training_config.max_grad_norm if config.training_config.use_clip_grad else 0.0))
         self.routers = [cell for m in self.chunks for _, cell in m.cells_and_names() if isinstance(cell, TopKRouter)]
@@ -490,14 +492,17 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
              process_non_loss_data_func: Optional[Callable] = None, extra_args_provider: Optional[Callable] = None,
              all_config: Optional[AllConfig] = None, train_data_loader: Optional[Iterable] = None,
              get_batch_func: Optional[Callable] = None, args_defaults: Optional[dict] = None,
-             valid_data_loader: Optional[Iterable] = None, test_data_loader: Optional[Iterable] = None):
+             valid_data_loader: Optional[Iterable] = None, test_data_loader: Optional[Iterable] = None,
+             callbacks: Optional[Sequence[Any]] = None):
     """Train a model as document 002 describes; returns the Trainer (model, optimizer, ...) at the end.
 
     model_provider_func(pre_process, post_process) builds this rank's model. Data comes from
     `train_data_loader` (an iterable of micro-batches for this rank) or from
     `train_valid_test_datasets_provider([train, valid, test] sample counts)`. `get_batch_func(iterator)`
     turns loader items into model inputs; `forward_step_func(data_iterator, model)` may replace the default
-    forward (it returns the loss, or Megatron's (output, loss_func)).
+    forward (it returns the loss, or Megatron's (output, loss_func)). `callbacks` (Callback instances or
+    `{type: ..., ...}` mappings) run after those of the configuration's `callbacks:` (training/callbacks.py);
+    `trainer.callbacks` holds them all.
     """
     if model_provider_func is None:
         raise ValueError("pretrain() needs model_provider_func(pre_process, post_process)")
@@ -516,6 +521,7 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
                                 "fix the path, or drop the flag to start from scratch")
     model = build_model(model_provider_func)
     trainer = Trainer(model, all_config, forward_step_func, get_batch_func)
+    trainer.callbacks = build_callbacks(all_config, callbacks)
     iteration, consumed = 0, 0
     if t.load_checkpoint and t.exit_on_missing_checkpoint and \
             checkpointing.read_latest_iteration(t.load_checkpoint) is None:
@@ -525,7 +531,8 @@ def pretrain(train_valid_test_datasets_provider: Optional[Callable] = None, mode
                               checkpointing.read_latest_iteration(t.load_checkpoint) is not None):
         iteration, consumed = checkpointing.load_checkpoint(
             t.load_checkpoint, model, trainer.optimizer, trainer.scheduler, trainer.loss_scaler,
-            load_optim=not t.no_load_optim, load_rng=not t.no_load_rng, finetune=t.finetune, crc_check=t.crc_check)
+            load_optim=not t.no_load_optim, load_rng=not t.no_load_rng, finetune=t.finetune, crc_check=t.crc_check,
+            callbacks=trainer.callbacks)
         if t.new_dataset:
             consumed = 0
     if train_data_loader is None:
@@ -550,12 +557,27 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
     """Iterate until --train-iters, --exit-interval or --exit-duration-in-mins; evaluate and save on schedule.
 
     Each iteration trains the batch the batch-size schedule gives for the samples consumed so far; when the
-    number of micro-batches changes, a checkpoint is saved first (with --save), as Megatron does.
+    number of micro-batches changes, a checkpoint is saved first (with --save), as Megatron does. The
+    trainer's callbacks (`trainer.callbacks`, training/callbacks.py) run at the points that module lists.
     """
     from mindtron.training.run_monitor import RunMonitor
 
     t = config.training_config
     logger = TrainingLogger(config)
+    callbacks = trainer.callbacks
+    if callbacks is None:
+        callbacks = trainer.callbacks = build_callbacks(config)
+
+    def state(result=None, checkpoint_dir=None) -> TrainState:
+        return TrainState(trainer, config, iteration, consumed_samples, result, checkpoint_dir, logger.message)
+
+    def save() -> None:
+        directory = str(checkpointing.iteration_dir(t.output_dir, iteration))
+        callbacks.call("on_save_checkpoint_begin", state(checkpoint_dir=directory))
+        with monitor.saving():
+            _save(trainer, config, iteration, consumed_samples, args_record, callbacks)
+        callbacks.call("on_save_checkpoint_end", state(checkpoint_dir=directory))
+
     start = time.time()
     args_record = dataclasses.asdict(config)
     saved_at = None
@@ -563,18 +585,19 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
     micro_batches = schedule.num_microbatches(consumed_samples, check=False)
     skip = set(t.iterations_to_skip or ())
     monitor = RunMonitor(config, args_record)  # timers, TensorBoard/W&B, profiler window, memory, exit signal
+    callbacks.call("on_train_begin", state())
     while iteration < t.training_iters:
         monitor.before_iteration(iteration)
         now = schedule.num_microbatches(consumed_samples, check=False)
         if now != micro_batches and t.output_dir and saved_at != iteration:
-            with monitor.saving():
-                _save(trainer, config, iteration, consumed_samples, args_record)
+            save()
             saved_at = iteration
         micro_batches = now
         if iteration + 1 in skip:
             consumed_samples += trainer.skip_step(train_iterator, consumed_samples)
             iteration += 1
             continue
+        callbacks.call("on_train_step_begin", state())
         step_start = time.time()
         result = trainer.train_step(train_iterator, consumed_samples)
         trainer.history.append(result)
@@ -584,14 +607,14 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
         logger.iteration(iteration, consumed_samples, elapsed_ms, result, trainer.scheduler, result.global_batch_size)
         monitor.after_iteration(trainer, iteration, consumed_samples, result,
                                 logger.learning_rate(trainer.scheduler), result.global_batch_size, elapsed_ms)
+        callbacks.call("on_train_step_end", state(result))
         if t.eval_interval and valid_data_loader is not None and iteration % t.eval_interval == 0:
             loss = trainer.evaluate(iter(valid_data_loader), t.eval_iters)
             trainer.eval_history.append((iteration, loss))
             logger.evaluation(iteration, loss)
             monitor.evaluation(iteration, consumed_samples, loss)
         if t.output_dir and t.save_interval and iteration % t.save_interval == 0:
-            with monitor.saving():
-                _save(trainer, config, iteration, consumed_samples, args_record)
+            save()
             saved_at = iteration
         stop = bool(t.exit_interval and iteration % t.exit_interval == 0)
         if t.exit_duration_in_mins:
@@ -603,15 +626,17 @@ def train(trainer: Trainer, config: AllConfig, train_iterator: Iterator, valid_d
         if stop:
             break
     if t.output_dir and saved_at != iteration and iteration > 0:
-        with monitor.saving():
-            _save(trainer, config, iteration, consumed_samples, args_record)
+        save()
+    callbacks.call("on_train_end", state())
     monitor.close()
     trainer.sync_params()
     return iteration, consumed_samples
 
 
-def _save(trainer: Trainer, config: AllConfig, iteration: int, consumed: int, args_record: dict) -> None:
+def _save(trainer: Trainer, config: AllConfig, iteration: int, consumed: int, args_record: dict,
+          callbacks: Optional[CallbackList] = None) -> None:
     t = config.training_config
     checkpointing.save_checkpoint(t.output_dir, iteration, trainer.model, trainer.optimizer, trainer.scheduler,
                                   trainer.loss_scaler, consumed, args_record, save_optim=not t.no_save_optim,
-                                  save_rng=not t.no_save_rng, keep_checkpoint_max=t.keep_checkpoint_max)
+                                  save_rng=not t.no_save_rng, keep_checkpoint_max=t.keep_checkpoint_max,
+                                  callback_states=callbacks.state_dict() if callbacks is not None else None)

@@ -4,7 +4,7 @@ Two layouts, mixable: the sections `model_config`, `training_config`, `dataset_c
 `parallel_config` keyed by the config field names (read through config_mapping.CONFIG_MAP backwards), and flat
 `dest: value` pairs with Megatron's names. Values are converted and checked like command-line text. The
 `moe_config` section of documents 000/001 (top level, or inside model_config) uses MindFormers' key names
-(moe_yaml.py).
+(moe_yaml.py); the top-level `callbacks:` (or `callback:`) list of documents 000/001 sets --callbacks.
 """
 from __future__ import annotations
 
@@ -92,6 +92,8 @@ def load_yaml_config(path: str, parser: Optional[argparse.ArgumentParser] = None
 
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
+        if name == "callback":  # document 001's example spells the list `callback:`
+            name = "callbacks"
         if name == "moe_config":
             if value is not None:
                 put_moe(value, name)

@@ -37,9 +37,9 @@ def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, o
                                        expert_tensor_parallel_size=etp))
 
 
-def train(config: AllConfig, on_finish=None) -> dict:
+def train(config: AllConfig, on_finish=None, callbacks=None) -> dict:
     """pretrain() on mock data; destroys the process groups afterwards so runs can follow each other.
-    `on_finish(trainer)` may look at the trainer before that."""
+    `on_finish(trainer)` may look at the trainer before that; `callbacks` go to pretrain()."""
     def datasets(sizes):
         return (MockGPTDataset(max(sizes[0], 1), SEQ, VOCAB, seed=SEED),
                 MockGPTDataset(max(sizes[1], 1), SEQ, VOCAB, seed=SEED + 1), None)
@@ -48,7 +48,7 @@ def train(config: AllConfig, on_finish=None) -> dict:
         return GPTModel(config.model_config, pre_process=pre_process, post_process=post_process)
 
     try:
-        trainer = pretrain(datasets, model_provider, all_config=config)
+        trainer = pretrain(datasets, model_provider, all_config=config, callbacks=callbacks)
         last = ps.is_pipeline_last_stage(ignore_virtual=True)
         if on_finish is not None:
             on_finish(trainer)

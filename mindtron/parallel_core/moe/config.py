@@ -134,6 +134,33 @@ class MoEConfig:
     (--moe-layer-recompute)."""
     moe_per_layer_logging: bool = False
     """Log every MoE layer's auxiliary losses, not only their mean (--moe-per-layer-logging)."""
+    moe_router_force_biased: Optional[float] = None
+    """Benchmarking only: random router logits plus a random per-expert bias N(0, |std|) that every rank
+    draws alike, anew at each forward (std > 0) or once per layer (std < 0), so a few experts get most
+    tokens (--moe-router-force-biased)."""
+
+    # --- documents 000/001: MoE tools (mindtron's flags, named after MindFormers' moe_config keys) ---------
+    save_token_distribution: bool = False
+    """Save the tokens routed to each expert, per MoE layer and iteration, as .npy files under
+    training_config.token_distribution_dir (--save-token-distribution; moe_config.save_token_distribution)."""
+    callback_moe_droprate: bool = False
+    """Print each MoE layer's share of routed pairs dropped by the capacity limit every log interval
+    (adds a MoEDropRateCallback; --callback-moe-droprate; moe_config.callback_moe_droprate)."""
+    enable_cold_hot_expert: bool = False
+    """Replicate the hot_expert_num most loaded experts of each MoE layer on every expert-parallel rank; their
+    tokens skip the all-to-all (--enable-cold-hot-expert; moe_config.enable_cold_hot_expert)."""
+    hot_expert_num: int = 0
+    """Hot (replicated) experts per MoE layer (--hot-expert-num; moe_config.hot_expert_num)."""
+    cold_token_percent: float = 1.0
+    """Cold experts' capacity factor is moe_expert_capacity_factor x this, in (0, 1]; hot experts keep the
+    full factor (--cold-token-percent; moe_config.cold_token_percent)."""
+    moe_module_name: Optional[str] = None
+    """Dotted path of the model's cell holding the MoE layers whose hot experts the ColdHotExpertMonitor
+    manages, e.g. "language_model.encoder.layers"; None: every MoE layer (--moe-module-name;
+    moe_config.moe_module_name)."""
+    hot_expert_update_step: int = 10000
+    """Iterations between re-choices of the hot experts from the measured token counts; 0 never re-chooses
+    (--hot-expert-update-step; moe_config.update_step, MindFormers' default 10000)."""
 
     # --- checks ---------------------------------------------------------------------------------------
     @property
@@ -182,6 +209,11 @@ class MoEConfig:
             if self.moe_ffn_hidden_size is not None or self.moe_shared_expert_intermediate_size is not None:
                 raise ValueError("--moe-ffn-hidden-size / --moe-shared-expert-intermediate-size are set but "
                                  "--num-experts is not; set --num-experts for an MoE model")
+            tools = [flag for flag, on in (("--save-token-distribution", self.save_token_distribution),
+                                           ("--callback-moe-droprate", self.callback_moe_droprate),
+                                           ("--enable-cold-hot-expert", self.enable_cold_hot_expert)) if on]
+            if tools:
+                raise ValueError(f"{', '.join(tools)} need an MoE model: set --num-experts")
             return
         E, k = self.num_experts, self.moe_router_topk
         if E < 1:
@@ -267,6 +299,31 @@ class MoEConfig:
                 raise ValueError("shared experts have no biases: add --disable-bias-linear")
         if self.moe_input_jitter_eps is not None and not 0.0 <= self.moe_input_jitter_eps < 1.0:
             raise ValueError(f"--moe-input-jitter-eps must be in [0, 1), got {self.moe_input_jitter_eps}")
+        if self.moe_router_force_biased is not None and self.moe_router_force_biased > 0 and self.moe_layer_recompute:
+            raise ValueError("--moe-router-force-biased with a positive std draws a new bias at every forward, "
+                             "which a recomputed MoE layer would not repeat: use a negative std (one bias per "
+                             "layer) or drop --moe-layer-recompute")
+        if self.enable_cold_hot_expert:
+            self._validate_hot_experts()
+
+    def _validate_hot_experts(self) -> None:
+        E, H = self.num_experts, self.hot_expert_num
+        if isinstance(H, bool) or not 1 <= int(H) <= E:
+            raise ValueError(f"--hot-expert-num (moe_config.hot_expert_num) must be between 1 and --num-experts "
+                             f"{E} with --enable-cold-hot-expert, got {H}")
+        if not 0.0 < float(self.cold_token_percent) <= 1.0:
+            raise ValueError(f"--cold-token-percent (moe_config.cold_token_percent) must be in (0, 1], got "
+                             f"{self.cold_token_percent}")
+        if self.cold_token_percent < 1.0 and self.moe_expert_capacity_factor is None:
+            raise ValueError("--cold-token-percent below 1 scales the cold experts' capacity, but the run is "
+                             "dropless: set --moe-expert-capacity-factor (moe_config.capacity_factor)")
+        if self.moe_token_dispatcher_type != "alltoall":
+            raise ValueError("--enable-cold-hot-expert saves all-to-all traffic: it needs "
+                             "--moe-token-dispatcher-type alltoall (the allgather dispatcher moves every token "
+                             "to every rank anyway)")
+        if self.hot_expert_update_step < 0:
+            raise ValueError(f"--hot-expert-update-step (moe_config.update_step) must be >= 0 (0: never "
+                             f"re-choose), got {self.hot_expert_update_step}")
 
     def validate_parallel(self, tensor_parallel: int, expert_parallel: int, expert_tensor_parallel: int,
                           sequence_parallel: bool, add_bias_linear: bool) -> None:
@@ -281,6 +338,9 @@ class MoEConfig:
         if self.moe_ffn_hidden_size % expert_tensor_parallel:
             raise ValueError(f"--moe-ffn-hidden-size {self.moe_ffn_hidden_size} is not divisible by the expert "
                              f"tensor-parallel size {expert_tensor_parallel} (--expert-tensor-parallel-size)")
+        if self.enable_cold_hot_expert and expert_tensor_parallel > 1:
+            raise ValueError("--enable-cold-hot-expert replicates whole experts: it needs expert tensor parallel "
+                             f"size 1, got {expert_tensor_parallel}; set --expert-tensor-parallel-size 1")
         if add_bias_linear and expert_tensor_parallel > 1:
             raise ValueError("expert biases need --expert-tensor-parallel-size 1 (or --disable-bias-linear)")
         if tensor_parallel > 1 and not sequence_parallel:

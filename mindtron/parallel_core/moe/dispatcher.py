@@ -23,8 +23,8 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from mindtron.parallel_core import comm
-from mindtron.parallel_core.moe.mappings import (AllGatherRows, AllToAllRows, ReduceScatterRows, gather_rows,
-                                                 scatter_add_rows, sizes_tensor)
+from mindtron.parallel_core.moe.mappings import (AllGatherRows, AllToAllRows, ReduceScatterRows, after,
+                                                 gather_rows, scatter_add_rows, sizes_tensor)
 from mindtron.parallel_core.tensor_parallel import mappings as tp_mappings
 
 
@@ -110,13 +110,17 @@ class AlltoAllDispatcher:
         token_index = _expert_major(routing_map)
         rows = gather_rows(hidden, token_index)
         weights = _pair_weights(probs, routing_map, slice(0, self.E))
+        # the weights move after the rows (and their gradients before the rows'), in the same order on every
+        # rank: a rank whose experts got no rows never uses its weights but still takes part in their moves
         if self.a2a is not None:
             matrix = sizes_tensor(send_matrix)
-            rows, weights = self.a2a(rows, matrix), self.a2a(weights, matrix)
+            rows = self.a2a(rows, matrix)
+            weights = self.a2a(after(weights, rows), matrix)
         per_tp = to_mine.sum(axis=(1, 2))  # rows each expert-tp rank holds after its all-to-all
         if self.gather is not None:
             sizes = sizes_tensor(per_tp)
-            rows, weights = self.gather(rows, sizes), self.gather(weights, sizes)
+            rows = self.gather(rows, sizes)
+            weights = self.gather(after(weights, rows), sizes)
         # received rows are ordered (tp, src, local expert): regroup them by local expert
         chunk_sizes = to_mine.reshape(-1)
         starts = np.concatenate([[0], np.cumsum(chunk_sizes)[:-1]]).reshape(etp * ep, E_l)

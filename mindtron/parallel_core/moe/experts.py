@@ -22,7 +22,7 @@ Two ways to compute, the same maths:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import mindspore as ms
@@ -33,7 +33,7 @@ from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.tensor_parallel.initialization import ShardSpec, make_parameter
 from mindtron.parallel_core.tensor_parallel.layers import add_bias
 from mindtron.parallel_core.tensor_parallel.utils import expand_last
-from mindtron.parallel_core.moe.mappings import gather_rows
+from mindtron.parallel_core.moe.mappings import after, gather_rows
 
 
 def _per_expert(init_method):
@@ -79,30 +79,41 @@ class Experts(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.use_kernel = moe.moe_grouped_gemm and ms.get_context("device_target") == "Ascend"
 
+    def local_weights(self) -> "ExpertWeights":
+        """This rank's stacked expert weights."""
+        return ExpertWeights(self.dense_h_to_4h.weight, self.dense_4h_to_h.weight, self.dense_h_to_4h.bias,
+                             self.dense_4h_to_h.bias)
+
     def construct(self, tokens: Tensor, counts: np.ndarray, probs: Tensor) -> Tensor:
         """tokens [N, h] grouped by local expert (counts [E_local]), probs [N] -> [N, h]."""
+        return self.compute(tokens, counts, probs, self.local_weights())
+
+    def compute(self, tokens: Tensor, counts: np.ndarray, probs: Tensor, weights: "ExpertWeights") -> Tensor:
+        """The experts of `weights` (stacked [n, ...], e.g. this rank's, or the replicas of the hot experts) on
+        rows grouped by expert (counts [n]), each row weighted by probs [N] -> [N, h]."""
         if self.moe.moe_apply_probs_on_input:
             tokens = tokens * expand_last(probs.astype(tokens.dtype), tokens.shape[-1])
             probs = ops.ones_like(probs)
+        if tokens.shape[0] == 0 and not (self.moe.moe_grouped_gemm and self.moe.enable_gmm_safe_tokens):
+            # no rows: the result still uses the weights, so that their moves' backward runs here as elsewhere
+            return after(tokens, probs)
         if not self.moe.moe_grouped_gemm:
-            return self._loop(tokens, counts, probs) if tokens.shape[0] else tokens
+            return self._loop(tokens, counts, probs, weights)
         real = None
         if self.moe.enable_gmm_safe_tokens:
             tokens, counts, probs, real = _add_safe_rows(tokens, counts, probs)
-        if tokens.shape[0] == 0:
-            return tokens
-        out = (self._grouped_kernel if self.use_kernel else self._grouped_rows)(tokens, counts, probs)
+        out = (self._grouped_kernel if self.use_kernel else self._grouped_rows)(tokens, counts, probs, weights)
         return out if real is None else gather_rows(out, real)
 
     # ---- one expert at a time (Megatron's SequentialMLP) ---------------------------------------------
-    def _loop(self, tokens, counts, probs):
+    def _loop(self, tokens, counts, probs, weights):
         dtype = self.compute_dtype
-        w1s = ops.unstack(self.dense_h_to_4h.weight.astype(dtype), 0)
-        w2s = ops.unstack(self.dense_4h_to_h.weight.astype(dtype), 0)
+        w1s = ops.unstack(weights.w1.astype(dtype), 0)
+        w2s = ops.unstack(weights.w2.astype(dtype), 0)
         b1s = b2s = None
-        if self.dense_h_to_4h.bias is not None:
-            b1s = ops.unstack(self.dense_h_to_4h.bias.astype(dtype), 0)
-            b2s = ops.unstack(self.dense_4h_to_h.bias.astype(dtype), 0)
+        if weights.b1 is not None:
+            b1s = ops.unstack(weights.b1.astype(dtype), 0)
+            b2s = ops.unstack(weights.b2.astype(dtype), 0)
         outputs, start = [], 0
         for e, n in enumerate(int(c) for c in counts):
             if n == 0:
@@ -123,7 +134,7 @@ class Experts(nn.Cell):
         return ops.concat(outputs, 0).astype(tokens.dtype) if len(outputs) > 1 else outputs[0].astype(tokens.dtype)
 
     # ---- all local experts at once ------------------------------------------------------------------
-    def _grouped_rows(self, tokens, counts, probs):
+    def _grouped_rows(self, tokens, counts, probs, weights):
         """Each expert's two projections on its rows, everything else once on all rows: the activation, the
         weighting and the biases run as a handful of ops on [N, ...] instead of once per expert (on CPU
         MindSpore's batched matmul is slower than its 2-D one, so the projections stay 2-D)."""
@@ -131,36 +142,36 @@ class Experts(nn.Cell):
         counts = np.asarray(counts, np.int64)
         busy = [int(e) for e in np.flatnonzero(counts)]
         sizes = [int(counts[e]) for e in busy]
-        w1s = ops.unstack(self.dense_h_to_4h.weight.astype(dtype), 0)
-        w2s = ops.unstack(self.dense_4h_to_h.weight.astype(dtype), 0)
+        w1s = ops.unstack(weights.w1.astype(dtype), 0)
+        w2s = ops.unstack(weights.w2.astype(dtype), 0)
         rows = ops.split(tokens.astype(dtype), sizes, 0) if len(busy) > 1 else [tokens.astype(dtype)]
         hidden = _concat([self.matmul(x, w1s[e]) for e, x in zip(busy, rows)])  # [N, ffn(x2)/etp]
-        expert_of_row = np.repeat(np.arange(self.num_local_experts), counts)
-        if self.dense_h_to_4h.bias is not None:
-            hidden = hidden + gather_rows(self.dense_h_to_4h.bias.astype(dtype), expert_of_row)
+        expert_of_row = np.repeat(np.arange(len(counts)), counts)
+        if weights.b1 is not None:
+            hidden = hidden + gather_rows(weights.b1.astype(dtype), expert_of_row)
         activated = self.activation(hidden).astype(ms.float32)
-        weights = probs.astype(ms.float32)
-        hidden = (activated * expand_last(weights, activated.shape[-1])).astype(dtype)
+        row_weights = probs.astype(ms.float32)
+        hidden = (activated * expand_last(row_weights, activated.shape[-1])).astype(dtype)
         parts = ops.split(hidden, sizes, 0) if len(busy) > 1 else [hidden]
         out = _concat([self.matmul(a, w2s[e]) for e, a in zip(busy, parts)])  # [N, h]
-        if self.dense_4h_to_h.bias is not None:
-            bias = gather_rows(self.dense_4h_to_h.bias.astype(ms.float32), expert_of_row)
-            out = out + (bias * expand_last(weights, out.shape[-1])).astype(dtype)
+        if weights.b2 is not None:
+            bias = gather_rows(weights.b2.astype(ms.float32), expert_of_row)
+            out = out + (bias * expand_last(row_weights, out.shape[-1])).astype(dtype)
         return out.astype(tokens.dtype)
 
-    def _grouped_kernel(self, tokens, counts, probs):  # pragma: no cover - Ascend only
+    def _grouped_kernel(self, tokens, counts, probs, weights):  # pragma: no cover - Ascend only
         dtype = self.compute_dtype
         group_list = Tensor(np.cumsum(np.asarray(counts, np.int64)), ms.int64)
-        w1 = ops.transpose(self.dense_h_to_4h.weight.astype(dtype), (0, 2, 1))
-        w2 = ops.transpose(self.dense_4h_to_h.weight.astype(dtype), (0, 2, 1))
-        b1 = None if self.dense_h_to_4h.bias is None else [self.dense_h_to_4h.bias.astype(dtype)]
+        w1 = ops.transpose(weights.w1.astype(dtype), (0, 2, 1))
+        w2 = ops.transpose(weights.w2.astype(dtype), (0, 2, 1))
+        b1 = None if weights.b1 is None else [weights.b1.astype(dtype)]
         hidden = ops.grouped_matmul([tokens.astype(dtype)], [w1], bias=b1, group_list=group_list,
                                     split_item=3, group_type=0)[0]
         hidden = (self.activation(hidden).astype(ms.float32) * probs.astype(ms.float32).expand_dims(-1)).astype(dtype)
         out = ops.grouped_matmul([hidden], [w2], group_list=group_list, split_item=3, group_type=0)[0]
-        if self.dense_4h_to_h.bias is not None:
-            rows = Tensor(np.repeat(np.arange(self.num_local_experts), counts).astype(np.int32))
-            bias = ops.gather(self.dense_4h_to_h.bias.astype(ms.float32), rows, 0)
+        if weights.b2 is not None:
+            rows = Tensor(np.repeat(np.arange(len(counts)), counts).astype(np.int32))
+            bias = ops.gather(weights.b2.astype(ms.float32), rows, 0)
             out = out + (bias * probs.astype(ms.float32).expand_dims(-1)).astype(dtype)
         return out.astype(tokens.dtype)
 
@@ -186,6 +197,16 @@ def _add_safe_rows(tokens: Tensor, counts: np.ndarray, probs: Tensor):
 
 def _concat(parts):
     return parts[0] if len(parts) == 1 else ops.concat(parts, 0)
+
+
+class ExpertWeights(NamedTuple):
+    """Stacked weights of n experts: w1 [n, ffn(x2) / etp, h], w2 [n, h, ffn / etp], biases b1 [n, ffn(x2)]
+    and b2 [n, h] or None."""
+
+    w1: Tensor
+    w2: Tensor
+    b1: Optional[Tensor]
+    b2: Optional[Tensor]
 
 
 class _Weights(nn.Cell):

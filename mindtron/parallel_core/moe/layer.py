@@ -9,11 +9,14 @@ config it reads sizes, dtypes, sequence_parallel, add_bias_linear and the init m
 output_layer_init_method()).
 Parameter names: router.weight (router.bias, router.expert_bias), experts.dense_h_to_4h.weight,
 experts.dense_4h_to_h.weight (and biases), shared_experts.* and shared_experts.gate_weight.
+With --enable-cold-hot-expert the hot experts' pairs are computed here by replicas (hot_experts.py) and only
+the cold experts' pairs are dispatched.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -22,6 +25,8 @@ from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.moe.dispatcher import build_dispatcher
 from mindtron.parallel_core.moe.experts import Experts
+from mindtron.parallel_core.moe.hot_experts import HotExperts
+from mindtron.parallel_core.moe.mappings import after, gather_rows, scatter_add_rows
 from mindtron.parallel_core.moe.router import TopKRouter
 
 
@@ -40,6 +45,10 @@ class MoELayer(nn.Cell):
         self.dispatcher = build_dispatcher(moe.moe_token_dispatcher_type, moe.num_experts, n_local,
                                            self.local_offset, ep_group, etp_group,
                                            ps.get_tensor_and_expert_parallel_group())
+        self.hot_experts = (HotExperts(moe, n_local, self.local_offset, ep_group) if moe.enable_cold_hot_expert
+                            else None)
+        if self.hot_experts is not None:
+            self.router.capacity_scale = self.hot_experts.capacity_scale()
         self.shared_experts = shared_mlp
         self.shared_gate = shared_mlp is not None and moe.moe_shared_expert_gate
         if self.shared_gate:  # named shared_experts.gate_weight, as in Megatron
@@ -61,9 +70,16 @@ class MoELayer(nn.Cell):
     def _forward(self, hidden: Tensor) -> Tensor:
         s, b, h = hidden.shape
         probs, routing_map = self.router(hidden)
-        dispatched = self.dispatcher.dispatch(hidden.reshape(s * b, h), probs, routing_map)
+        tokens = hidden.reshape(s * b, h)
+        hot_map = None
+        if self.hot_experts is not None:
+            routing_map, hot_map = self.hot_experts.split(routing_map)
+        dispatched = self.dispatcher.dispatch(tokens, probs, routing_map)
         expert_out = self.experts(dispatched.tokens, dispatched.counts, dispatched.probs)
-        out = self.dispatcher.combine(expert_out, dispatched).reshape(s, b, h).astype(hidden.dtype)
+        out = self.dispatcher.combine(expert_out, dispatched)
+        if hot_map is not None:
+            out = out + self._hot_experts(tokens, probs, hot_map, out)
+        out = out.reshape(s, b, h).astype(hidden.dtype)
         if self.shared_experts is not None:
             shared = self.shared_experts(hidden)
             if self.shared_gate:  # sigmoid(x . gate_weight) per token scales the shared expert
@@ -72,6 +88,26 @@ class MoELayer(nn.Cell):
                 shared = (shared.astype(ms.float32) * ops.sigmoid(gate).reshape(s, b, 1)).astype(shared.dtype)
             out = out + shared.astype(out.dtype)
         return out
+
+    def _hot_experts(self, tokens: Tensor, probs: Tensor, hot_map: np.ndarray, cold_out: Tensor) -> Tensor:
+        """[T, h]: the pairs of the hot experts computed here by their replicas, summed per token."""
+        hot = self.hot_experts
+        replicas = hot.replicas(self.experts.local_weights(), after=cold_out)
+        column, token_index = np.nonzero(hot_map.T)  # expert by expert, tokens in order
+        if token_index.size == 0:  # still use the replicas: every rank's backward exchanges their gradients
+            return after(ops.zeros_like(cold_out), replicas.w1)
+        T = hot_map.shape[0]
+        pair = (hot.hot[column] * T + token_index).astype(np.int32)
+        weights = gather_rows(ops.transpose(probs, (1, 0)).reshape(-1), pair)
+        out = self.experts.compute(gather_rows(tokens, token_index), hot_map.sum(0), weights, replicas)
+        return scatter_add_rows(out, token_index, T).astype(cold_out.dtype)
+
+    def set_hot_experts(self, experts) -> None:
+        """Make `experts` (global indices) this layer's hot experts (--enable-cold-hot-expert)."""
+        if self.hot_experts is None:
+            raise ValueError(f"MoE layer {self.layer_number} has no hot experts: set --enable-cold-hot-expert")
+        self.hot_experts.set(experts)
+        self.router.capacity_scale = self.hot_experts.capacity_scale()
 
     def global_expert_index(self, local_index: int) -> int:
         """Global index of this rank's local expert `local_index` (Megatron: ep_rank x E_local + i)."""

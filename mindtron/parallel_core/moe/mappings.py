@@ -8,7 +8,7 @@
 | GatherRows        | rows of x picked by an index (a permutation, with repeats) | their gradients added back in place |
 | ScatterAddRows    | rows added into a zero buffer at an index  | the buffer's gradient gathered back      |
 
-The last two move rows within a rank. Their backward is written out because MindSpore's CPU gradient of a
+The last two move rows within a rank. `after(x, anchor)` orders two collectives the same way on every rank. Their backward is written out because MindSpore's CPU gradient of a
 gather (a segment sum) is several times slower than the index scatter-add used here.
 
 The row counts change with every batch, so they are inputs (int32 tensors, read on the host) rather than
@@ -21,6 +21,13 @@ from mindspore import Tensor, nn, ops
 import mindspore as ms
 
 from mindtron.parallel_core import comm
+
+
+def after(x: Tensor, anchor: Tensor) -> Tensor:
+    """`x`, made to depend on `anchor` (plus 0 x its sum): a collective on the result then runs after the one
+    that produced `anchor`, and in the backward before it, on every rank alike, whatever else the rank's
+    graph holds (a rank whose experts received no rows has a different graph, but the same collectives)."""
+    return x + (anchor.sum() * 0.0).astype(x.dtype)
 
 
 def sizes_tensor(values) -> Tensor:

@@ -25,6 +25,7 @@ from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.moe.aux_loss import attach_aux_loss, counting
 from mindtron.parallel_core.moe.config import MoEConfig
 from mindtron.parallel_core.moe.metrics import get_moe_metrics_tracker
+from mindtron.parallel_core.tensor_parallel.random import EXPERT_PARALLEL_RNG
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -67,17 +68,29 @@ def expert_capacity(num_tokens: int, num_experts: int, topk: int, capacity_facto
     return math.ceil((num_tokens * topk / num_experts) * capacity_factor)
 
 
-def capacity_mask(probs: np.ndarray, routing_map: np.ndarray, capacity: int, policy: str) -> np.ndarray:
+def capacity_mask(probs: np.ndarray, routing_map: np.ndarray, capacity, policy: str) -> np.ndarray:
     """[T, E] True for the pairs each expert keeps: the `capacity` highest weights ("probs") or the
-    `capacity` earliest routed tokens ("position"); everything when capacity covers all tokens."""
+    `capacity` earliest routed tokens ("position"); everything when capacity covers all tokens. `capacity`
+    is one number for every expert or one per expert ([E], hot and cold experts)."""
     T, E = probs.shape
-    if capacity > T:
+    caps = np.broadcast_to(np.asarray(capacity, np.int64), (E,))
+    if (caps > T).all():
         return np.ones((T, E), bool)
     key = probs if policy == "probs" else routing_map.astype(np.float64) - np.arange(T)[:, None] / (T + 1.0)
-    keep = np.argsort(-key, axis=0, kind="stable")[:capacity]  # [capacity, E]
-    mask = np.zeros((T, E), bool)
-    np.put_along_axis(mask, keep, True, axis=0)
-    return mask
+    order = np.argsort(-key, axis=0, kind="stable")  # [T, E]: each expert's tokens, best first
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(T)[:, None], (T, E)), axis=0)
+    return rank < caps[None, :]
+
+
+def expert_capacities(num_tokens: int, num_experts: int, topk: int, capacity_factor: float,
+                      scale: Optional[np.ndarray] = None):
+    """Each expert's capacity: one number, or with `scale` [E] (1 for hot experts, cold_token_percent for
+    cold ones) one per expert, from the factor capacity_factor x scale[e]."""
+    if scale is None:
+        return expert_capacity(num_tokens, num_experts, topk, capacity_factor)
+    return np.array([expert_capacity(num_tokens, num_experts, topk, capacity_factor * float(f)) for f in scale],
+                    np.int64)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,6 +117,9 @@ class TopKRouter(nn.Cell):
         self.local_tokens_per_expert = np.zeros(E, np.float64)
         if moe.moe_router_enable_expert_bias:
             self.expert_bias = Parameter(Tensor(np.zeros(E, np.float32)), requires_grad=False)
+        self.capacity_scale: Optional[np.ndarray] = None  # [E] capacity-factor multipliers (hot/cold experts)
+        self._forced_bias: Optional[np.ndarray] = None     # --moe-router-force-biased, a negative std: cached
+        self._forced_bias_rng: Optional[np.random.Generator] = None
         self.router_dtype = ms.float64 if moe.moe_router_dtype == "fp64" else ms.float32
         self.global_tokens_per_expert = np.zeros(E, np.float64)  # global_aux_loss: this step's running sum
         self.global_aux_steps = 0
@@ -136,9 +152,24 @@ class TopKRouter(nn.Cell):
 
     def _random_logits(self, logits: Tensor) -> Tensor:
         # Megatron's benchmarking option: random logits from the expert-parallel stream, gradient straight through
-        with tp.get_rng_tracker().fork(tp.EXPERT_PARALLEL_RNG):
+        with tp.get_rng_tracker().fork(EXPERT_PARALLEL_RNG):
             noise = tp.get_rng_tracker().active.standard_normal(tuple(logits.shape))
         return logits + ops.stop_gradient(Tensor(noise, logits.dtype) - logits)
+
+    def _biased_logits(self, logits: Tensor) -> Tensor:
+        # Megatron's apply_biased_logits: random logits plus a per-expert bias every rank draws alike (a
+        # generator seeded by the global seed and the layer number), kept for the run when std < 0
+        std = float(self.moe.moe_router_force_biased)
+        logits = self._random_logits(logits)
+        if std >= 0 or self._forced_bias is None:
+            if self._forced_bias_rng is None:
+                self._forced_bias_rng = np.random.default_rng([tp.initial_seed(), self.layer_number, 1280])
+            bias = self._forced_bias_rng.normal(0.0, abs(std), self.moe.num_experts)
+            if std < 0:
+                self._forced_bias = bias
+        else:
+            bias = self._forced_bias
+        return logits + Tensor(bias.astype(np.float32), logits.dtype)
 
     def _z_loss(self, logits: Tensor) -> Tensor:
         coeff = self.moe.moe_z_loss_coeff
@@ -199,6 +230,8 @@ class TopKRouter(nn.Cell):
         logits = self.gating(self._jitter(hidden))
         if moe.moe_router_force_load_balancing:
             logits = self._random_logits(logits)
+        if moe.moe_router_force_biased is not None:
+            logits = self._biased_logits(logits)
         logits = logits.reshape(s * b, moe.num_experts)
         logits = self._z_loss(logits)
         if moe.moe_router_load_balancing_type == "sinkhorn":
@@ -212,7 +245,8 @@ class TopKRouter(nn.Cell):
         np.put_along_axis(routed, idx, True, axis=1)
         routing_map = routed
         if moe.moe_expert_capacity_factor is not None:
-            capacity = expert_capacity(T, E, moe.moe_router_topk, moe.moe_expert_capacity_factor)
+            capacity = expert_capacities(T, E, moe.moe_router_topk, moe.moe_expert_capacity_factor,
+                                         self.capacity_scale)
             keep = capacity_mask(probs.asnumpy(), routed, capacity, moe.moe_token_drop_policy)
             routing_map = keep if moe.moe_pad_expert_input_to_capacity else (routed & keep)
             probs = probs * Tensor(routing_map.astype(np.float32))
