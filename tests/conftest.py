@@ -3,6 +3,24 @@ import pytest
 
 from multiproc import run_on_ranks
 
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run tests marked slow (exhaustive matrices, long documentation commands)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: exhaustive or long; run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 FOUNDATION = "tests/workers/foundation_checks.py:main"
 
 
