@@ -180,6 +180,20 @@ def test_vocabulary_is_padded_again_for_the_target(tmp_path):
 
 
 @needs_torch
+@pytest.mark.parametrize("ids,rows,true_vocab", [(128, 128, 128), (127, 128, 127), (128, 192, 129)])
+def test_null_tokenizer_vocabulary_follows_the_stored_table(tmp_path, ids, rows, true_vocab):
+    """--vocab-size N with NullTokenizer: N ids (Megatron-Core 0.19), or N + 1 where the table was padded for
+    the older rule (EOD = N); re-padding for TP=2 keeps every id the tokenizer can emit."""
+    cfg = F.config("gpt2", vocab_size=rows)
+    weights = F.random_weights(cfg)
+    args = F.megatron_args(cfg, 1, 1, tokenizer_type="NullTokenizer", vocab_size=ids)
+    F.save_with_torch(tmp_path / "src", F.megatron_shards(cfg, weights, 1, 1), args)
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "dst", 2, 1, verify=True)
+    padded = -(-true_vocab // 128) * 128  # make_vocab_size_divisible_by 64 x TP 2
+    assert report.vocab_rows == (rows, padded)
+
+
+@needs_torch
 def test_command_line_flags_override_the_stored_arguments(tmp_path):
     cfg = F.config("llama")
     weights = F.random_weights(cfg)

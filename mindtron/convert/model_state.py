@@ -184,6 +184,6 @@ def observe_shapes(spec: ModelSpec, full: Dict[str, np.ndarray], where: str) -> 
     """Take what only the tensors tell (padded vocabulary rows, position table rows) into the spec."""
     if N.WORD not in full:
         raise ValueError(f"{where} holds no word embedding ({N.WORD}); the checkpoint is incomplete")
-    spec.source_vocab_rows = int(full[N.WORD].shape[0])
+    spec.observe_vocab_rows(int(full[N.WORD].shape[0]))
     if N.POSITION in full and spec.fields.get("max_position_embeddings") is None:
         spec.fields["max_position_embeddings"] = int(full[N.POSITION].shape[0])

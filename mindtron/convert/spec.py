@@ -196,7 +196,9 @@ class ModelSpec:
     source_vocab_rows: Optional[int] = None
     """Rows of the whole word embedding as stored (padded for the source's tensor-parallel size)."""
     true_vocab_size: Optional[int] = None
-    """The tokenizer's vocabulary (--true-vocab-size, or NullTokenizer's --vocab-size + 1); re-pads the table."""
+    """The tokenizer's vocabulary (--true-vocab-size, or NullTokenizer's --vocab-size); re-pads the table."""
+    null_tokenizer_vocab: Optional[int] = None
+    """NullTokenizer's --vocab-size when the source used it (0.19: that many ids; 0.15 and earlier: one more)."""
     make_vocab_size_divisible_by: int = 128
     """Megatron's padding multiple per tensor-parallel rank (--make-vocab-size-divisible-by)."""
     target_vocab_rows: Optional[int] = None
@@ -223,6 +225,19 @@ class ModelSpec:
         if fields.get("seq_length") is None:  # not stored: as long as the position table allows
             fields["seq_length"] = fields.get("max_position_embeddings") or 1024
         return TransformerConfig(**fields)
+
+    def observe_vocab_rows(self, rows: int) -> None:
+        """Take the stored word embedding's row count. A NullTokenizer source with --vocab-size N has N ids
+        under Megatron-Core 0.19 and N + 1 (EOD = N) under 0.15 and earlier; the table tells which when it is
+        padded for N + 1 ids and N ids would have given fewer rows."""
+        self.source_vocab_rows = int(rows)
+        n = self.null_tokenizer_vocab
+        if n is None:
+            return
+        tp = int(self.stored_args.get("tensor_model_parallel_size") or 1)
+        old, new = (pad_vocab_size(v, self.make_vocab_size_divisible_by, tp) for v in (n + 1, n))
+        if rows == old != new:
+            self.true_vocab_size = n + 1
 
     def vocab_rows_for(self, tp: int) -> int:
         """Rows of the word embedding for a target with tensor-parallel size `tp` (Megatron's padding)."""
@@ -289,11 +304,12 @@ def spec_from_megatron_args(stored: Mapping[str, Any], overrides: Mapping[str, A
         args["group_query_attention"] = True  # giving the groups means grouped-query attention
     fields = config_fields_from_megatron(args)
     true_vocab = args.get("true_vocab_size")
+    null_vocab = None
     if true_vocab is None and args.get("vocab_size") is not None:
-        # Megatron's NullTokenizer (the only one that stores --vocab-size) adds the EOD token.
-        extra = 1 if args.get("tokenizer_type") == "NullTokenizer" else 0
-        true_vocab = int(args["vocab_size"]) + extra
-    return ModelSpec(fields=fields, true_vocab_size=true_vocab,
+        true_vocab = int(args["vocab_size"])  # the tokenizer's ids (NullTokenizer: see observe_vocab_rows)
+        if args.get("tokenizer_type") == "NullTokenizer":
+            null_vocab = true_vocab
+    return ModelSpec(fields=fields, true_vocab_size=true_vocab, null_tokenizer_vocab=null_vocab,
                      make_vocab_size_divisible_by=int(_value(args, "make_vocab_size_divisible_by", 128)),
                      target_vocab_rows=overrides.get("padded_vocab_size"), tokenizer_type=args.get("tokenizer_type"),
                      stored_args=args)
