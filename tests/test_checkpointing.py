@@ -99,3 +99,20 @@ def test_exit_duration_in_mins_stops_training(tmp_path):
     result = tc.train(tc.make_config(steps=8, exit_duration_in_mins=1e-9, output_dir=str(tmp_path)))
     assert len(result["loss"]) == 1  # the time check runs after each iteration
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"  # saved on exit
+
+
+@pytest.mark.parametrize("layout", ["torch", "torch_dist", "release"])
+def test_loading_a_megatron_checkpoint_says_how_to_convert_it(tmp_path, layout):
+    """--load of a Megatron-LM checkpoint fails at once with the conversion command, not deep in the loader."""
+    if layout == "release":
+        (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+        rank_dir = tmp_path / "release" / "mp_rank_00"
+    else:
+        (tmp_path / "latest_checkpointed_iteration.txt").write_text("20")
+        rank_dir = tmp_path / "iter_0000020" / ("mp_rank_00" if layout == "torch" else "")
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    (rank_dir / ("model_optim_rng.pt" if layout != "torch_dist" else "__0_0.distcp")).write_bytes(b"x")
+    kind = "torch_dist" if layout == "torch_dist" else "torch"
+    with pytest.raises(ValueError, match=rf"Megatron-LM checkpoint \({kind} format\).*python -m mindtron.convert "
+                                         rf"--load-dir {tmp_path} --save-dir {tmp_path}-mindtron"):
+        tc.train(tc.make_config(steps=8, load_checkpoint=str(tmp_path)))

@@ -266,6 +266,21 @@ def _restore_rng(saved: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, cached))
 
 
+def _refuse_megatron_checkpoint(root: str, iteration: int) -> None:
+    """A Megatron-LM checkpoint (torch or torch_dist format) given to --load: say how to convert it."""
+    folders = [iteration_dir(root, iteration)] + ([Path(root) / "release"] if iteration == 0 else [])
+    for folder in folders:
+        torch_files = list(folder.glob("mp_rank_*/model_optim_rng.pt"))
+        if torch_files or (folder / ".metadata").exists() or list(folder.glob("*.distcp")):
+            kind = "torch" if torch_files else "torch_dist"
+            layout = ps.get_layout()
+            raise ValueError(
+                f"{folder} is a Megatron-LM checkpoint ({kind} format); --load reads mindtron checkpoints. Convert "
+                f"it once: python -m mindtron.convert --load-dir {root} --save-dir {root}-mindtron "
+                f"--target-tensor-parallel-size {layout.tp} --target-pipeline-parallel-size {layout.pp} --verify, "
+                f"then pass --load {root}-mindtron (docs/checkpoints.md)")
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scaler=None,
                     iteration: Optional[int] = None, load_optim: bool = True, load_rng: bool = True,
                     finetune: bool = False, crc_check: bool = False, strict: bool = True,
@@ -281,6 +296,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, loss_scale
         iteration = read_latest_iteration(root)
         if iteration is None:
             raise FileNotFoundError(f"no {TRACKER} in {root}: nothing was saved there (--load)")
+    _refuse_megatron_checkpoint(root, iteration)
     directory = _this_rank_dir(root, iteration)
     saved_iteration = None
     if not (directory / "meta.json").exists():
