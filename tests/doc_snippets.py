@@ -14,7 +14,8 @@ convert/, mindtron/, tests/, ...), so a command is written as a user types it fr
 later block sees the files an earlier one wrote. Environment: PYTHONPATH = the repository and tests/,
 MASTER_PORT a free port (fresh for each block), this interpreter first on PATH.
 
-Standalone: `python tests/doc_snippets.py docs/data.md [--slow]` runs one page and prints each block's time.
+Standalone: `python tests/doc_snippets.py docs/data.md [--slow] [-v]` runs one page and prints each block's time
+(and with -v its output).
 """
 from __future__ import annotations
 
@@ -217,12 +218,12 @@ def run_page(page: Path, markers=("quick",), scratch: Optional[Path] = None, tim
 
 
 def main(argv: List[str]) -> int:
-    slow = "--slow" in argv
+    slow, verbose = "--slow" in argv, "-v" in argv
     targets = [Path(a).resolve() for a in argv if not a.startswith("--")] or pages()
     for page in targets:
         run_page(page, ("quick", "slow") if slow else ("quick",),
                  report=lambda o: print(f"{o.block.where():32s} {o.block.lang:6s} test={o.block.marker:5s} "
-                                        f"{o.seconds:6.1f} s", flush=True))
+                                        f"{o.seconds:6.1f} s" + (f"\n{o.output}" if verbose else ""), flush=True))
     return 0
 
 
