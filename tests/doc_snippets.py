@@ -219,7 +219,7 @@ def run_page(page: Path, markers=("quick",), scratch: Optional[Path] = None, tim
 
 def main(argv: List[str]) -> int:
     slow, verbose = "--slow" in argv, "-v" in argv
-    targets = [Path(a).resolve() for a in argv if not a.startswith("--")] or pages()
+    targets = [Path(a).resolve() for a in argv if not a.startswith("-")] or pages()
     for page in targets:
         run_page(page, ("quick", "slow") if slow else ("quick",),
                  report=lambda o: print(f"{o.block.where():32s} {o.block.lang:6s} test={o.block.marker:5s} "
