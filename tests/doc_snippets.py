@@ -7,6 +7,7 @@ string:
     ```bash test=slow             runs only with `pytest --run-slow`
     ```bash test=quickstart       the README's quick start: tests/test_docs.py checks it specially
     ```python test=quick ranks=2  a python block run under msrun with 2 workers
+    ```python test=quick file=tiny_gpt.py   saved under that name (later blocks may import it), then run
 
 Blocks of other languages (text, yaml, console, ...) are not run. A page's blocks run in order, in one scratch
 directory per page holding symlinks to the repository's top-level entries (examples/, tools/, bench/,
@@ -113,6 +114,9 @@ def marking_errors(blocks: Iterable[Block]) -> List[str]:
         if b.marker not in MARKERS:
             errors.append(f"{b.where()}: ```{b.lang} block needs test=quick, test=slow or test=quickstart in its "
                           f"info string (has {b.options or 'nothing'})")
+        if "file" in b.options and (b.lang != "python" or "/" in b.options["file"]
+                                    or not b.options["file"].endswith(".py")):
+            errors.append(f"{b.where()}: file= takes a NAME.py, on python blocks only")
         if "ranks" in b.options:
             if b.lang != "python" or not b.options["ranks"].isdigit() or int(b.options["ranks"]) < 1:
                 errors.append(f"{b.where()}: ranks= takes a positive integer, on python blocks only")
@@ -158,7 +162,7 @@ def run_block(block: Block, scratch: Path, timeout: float, index: int) -> Outcom
     env = environment()
     env["MASTER_PORT"] = str(free_port())
     if block.lang == "python":
-        script = scratch / f"_snippet_{index}.py"
+        script = scratch / block.options.get("file", f"_snippet_{index}.py")
         script.write_text(block.code)
         if block.ranks > 1:
             msrun = Path(sys.executable).parent / "msrun"
