@@ -278,7 +278,7 @@ class Trainer:
     def _run_schedule(self, data_iterator, forward_only: bool, scale: float, num_micro_batches: int,
                       grad_sink=None) -> ScheduleResult:
         c = self.config
-        seq = c.model_config.seq_length
+        seq = c.model_config.seq_length // ps.get_context_parallel_world_size()  # this rank's positions
         if c.model_config.sequence_parallel:
             seq //= ps.get_tensor_model_parallel_world_size()
         shape = (seq, c.training_config.micro_batch_size, c.model_config.hidden_size)
