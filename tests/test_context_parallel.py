@@ -79,6 +79,9 @@ def test_context_parallel_matrix():
     tags = {n.split("/grad/")[0] for n in errors if "/grad/" in n}
     assert len(tags) >= 20, sorted(tags)
     assert_all_close(errors, 1e-5, [f"{t}/loss" for t in tags])
-    ref = reference()
+    from moe_checks import moe_options
+
+    refs = {"plain": reference(), "moe": reference(model_options=moe_options())}
+    assert any("/moe/" in name for name in runs)
     for name in runs:
-        assert_training_matches(runs, name, ref)
+        assert_training_matches(runs, name, refs["moe" if "/moe/" in name else "plain"])

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_configs import make_config  # noqa: E402
 from training_checks import make_config as training_config, train  # noqa: E402
 from model_checks import rel_err  # noqa: E402
+from moe_checks import moe_options  # noqa: E402
 
 from mindtron.legacy_model import GPTModel  # noqa: E402
 from mindtron.legacy_model.eod_mask import get_ltor_masks_and_position_ids  # noqa: E402
@@ -130,7 +131,7 @@ def quick_4() -> dict:
 def full_2() -> dict:
     """Learned positions without a loss mask, sliding windows and sinks, layer scaling, gated attention with
     QK norms, per-document masks, one type per layer, document 002's algorithm names; training with
-    Ulysses, all-gather, recompute, jit_layers and MoE."""
+    Ulysses, all-gather, recompute, jit_layers and an MoE model (names under train/moe/)."""
     out = {}
     for kind in ("p2p", "a2a", "allgather"):
         out.update(model_check(f"gpt2/{kind}2/no_mask", "gpt2", 2, loss_mask=False, cp_comm_type=[kind]))
@@ -147,12 +148,14 @@ def full_2() -> dict:
                                                                         "recompute_method": "uniform"})
     out["train/p2p2_selective"] = training_run(2, "p2p", model_options={"recompute_granularity": "selective"})
     out["train/p2p2_jit"] = training_run(2, "p2p", model_options={"jit_layers": True})
+    out["train/moe/p2p2"] = training_run(2, "p2p", model_options=moe_options())
     return out
 
 
 def full_4() -> dict:
     """CP=4 Ulysses and all-gather, ring CP=2 x TP=2 without SP, Ulysses CP=2 x TP=2 + SP, the hybrid with
-    learned positions; training: CP=4, hybrid, CP=2 x TP=2 + SP, CP=2 x PP=2 x VPP=2, CP=2 x DP=2."""
+    learned positions; training: CP=4, hybrid, CP=2 x TP=2 + SP, CP=2 x PP=2 x VPP=2, CP=2 x DP=2, MoE with
+    Ulysses CP=2 x EP=2."""
     out = {}
     out.update(model_check("llama/a2a4", "gpt2", 4, cp_comm_type=["a2a"]))
     out.update(model_check("llama/allgather4", "llama", 4, cp_comm_type=["allgather"]))
@@ -164,14 +167,6 @@ def full_4() -> dict:
     out["train/p2p2_tp2_sp"] = training_run(2, "p2p", tp=2, sp=True)
     out["train/p2p2_pp2_vpp2"] = training_run(2, "p2p", pp=2, vpp=2)
     out["train/allgather2_dp2"] = training_run(2, "allgather")
+    out["train/moe/a2a2_ep2"] = training_run(2, "a2a", model_options=moe_options(), ep=2)
     return out
 
-
-def debug() -> dict:
-    ps.initialize_model_parallel(context_parallel_size=2)
-    cfg = make_config("llama", cp_comm_type=["p2p"])
-    model = GPTModel(cfg)
-    local = get_batch_on_this_cp_rank(batch(cfg), cfg.seq_length)
-    att = model.language_model.encoder.layers[0].self_attention
-    return {"cp": ps.get_context_parallel_world_size(), "tokens": local["tokens"].shape[1],
-            "cp_att": att.cp_attention is not None}
