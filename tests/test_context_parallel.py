@@ -81,7 +81,9 @@ def test_context_parallel_matrix():
     assert_all_close(errors, 1e-5, [f"{t}/loss" for t in tags])
     from moe_checks import moe_options
 
-    refs = {"plain": reference(), "moe": reference(model_options=moe_options())}
-    assert any("/moe/" in name for name in runs)
+    refs = {"plain": reference(), "moe": reference(model_options=moe_options()),
+            "per_token": reference(model_options={"calculate_per_token_loss": True})}
+    assert any("/moe/" in name for name in runs) and any("/per_token/" in name for name in runs)
     for name in runs:
-        assert_training_matches(runs, name, refs["moe" if "/moe/" in name else "plain"])
+        kind = name.split("/")[1] if name.split("/")[1] in refs else "plain"
+        assert_training_matches(runs, name, refs[kind])

@@ -149,6 +149,7 @@ def full_2() -> dict:
     out["train/p2p2_selective"] = training_run(2, "p2p", model_options={"recompute_granularity": "selective"})
     out["train/p2p2_jit"] = training_run(2, "p2p", model_options={"jit_layers": True})
     out["train/moe/p2p2"] = training_run(2, "p2p", model_options=moe_options())
+    out["train/per_token/p2p2"] = training_run(2, "p2p", model_options={"calculate_per_token_loss": True})
     return out
 
 
@@ -157,7 +158,7 @@ def full_4() -> dict:
     learned positions; training: CP=4, hybrid, CP=2 x TP=2 + SP, CP=2 x PP=2 x VPP=2, CP=2 x DP=2, MoE with
     Ulysses CP=2 x EP=2."""
     out = {}
-    out.update(model_check("llama/a2a4", "gpt2", 4, cp_comm_type=["a2a"]))
+    out.update(model_check("gpt2/a2a4", "gpt2", 4, cp_comm_type=["a2a"]))
     out.update(model_check("llama/allgather4", "llama", 4, cp_comm_type=["allgather"]))
     out.update(model_check("llama/p2p2_tp2", "llama", 2, tp_size=2, cp_comm_type=["p2p"]))
     out.update(model_check("gpt2/a2a2_tp2_sp", "gpt2", 2, tp_size=2, sp=True, loss_mask=False, cp_comm_type=["a2a"]))
