@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -97,10 +98,9 @@ def run_size(args, cp: int) -> list:
         out = subprocess.run([msrun, "--worker_num", str(cp), "--local_worker_num", str(cp), "--master_port",
                               str(free_port()), "--log_dir", log_dir, "--join=True", script, *flags],
                              env=env, capture_output=True, text=True, cwd=ROOT)
-        text = out.stdout + out.stderr + "".join(p.read_text(errors="replace") for p in sorted(Path(log_dir).glob("worker_*.log")))
-    # msrun also echoes the workers' logs: one row per rank
-    rows = list({r["rank"]: r for r in (json.loads(line.split(MARK, 1)[1]) for line in text.splitlines()
-                                        if MARK in line)}.values())
+        logs = "".join(p.read_text(errors="replace") for p in sorted(Path(log_dir).glob("worker_*.log")))
+        text = logs or out.stdout + out.stderr
+    rows = list({r["rank"]: r for r in (json.loads(m) for m in re.findall(MARK + r"(\{[^}]*\})", text))}.values())
     if len(rows) != cp:
         raise SystemExit(f"CP={cp}: {len(rows)} of {cp} ranks reported\n{text[-3000:]}")
     return rows
