@@ -150,6 +150,12 @@ def full_2() -> dict:
     out["train/p2p2_jit"] = training_run(2, "p2p", model_options={"jit_layers": True})
     out["train/moe/p2p2"] = training_run(2, "p2p", model_options=moe_options())
     out["train/per_token/p2p2"] = training_run(2, "p2p", model_options={"calculate_per_token_loss": True})
+    # attention dropout under CP draws per-block masks: recompute must replay them (same losses both ways)
+    drop = {"attention_dropout_rate": 0.2}
+    out["dropout/p2p2"] = training_run(2, "p2p", model_options=drop)
+    out["dropout/p2p2_selective"] = training_run(2, "p2p", model_options={**drop, "recompute_granularity": "selective"})
+    out["dropout/p2p2_full"] = training_run(2, "p2p", model_options={**drop, "recompute_granularity": "full",
+                                                                      "recompute_method": "uniform"})
     return out
 
 
@@ -170,4 +176,5 @@ def full_4() -> dict:
     out["train/allgather2_dp2"] = training_run(2, "allgather")
     out["train/moe/a2a2_ep2"] = training_run(2, "a2a", model_options=moe_options(), ep=2)
     return out
+
 

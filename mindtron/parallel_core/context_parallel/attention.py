@@ -139,6 +139,7 @@ class ContextParallelAttention(nn.Cell):
         self.window = config.layer_window(layer_number)
         self.dropout_p = config.attention_dropout_rate
         self.batch_matmul_t = ops.BatchMatMul(transpose_b=True)
+        self.rng_replay = None  # set under selective recompute
         self._masks: dict = {}
 
     def _group_chunks(self, group_index: int) -> List[int]:
@@ -176,6 +177,12 @@ class ContextParallelAttention(nn.Cell):
 
     def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor] = None,
                   softmax_offset: Optional[Tensor] = None) -> Tensor:
+        """[s_l, b, np_l hn]; masks drawn here under selective recompute are replayed on the recompute pass."""
+        if self.rng_replay is not None and self.training and self.dropout_p > 0.0:
+            return self.rng_replay(self._forward, query, key, value, attention_mask, softmax_offset)
+        return self._forward(query, key, value, attention_mask, softmax_offset)
+
+    def _forward(self, query, key, value, attention_mask, softmax_offset):
         s_l, b, n, hn = query.shape
         g = key.shape[2]
         if self.u > 1:
