@@ -169,3 +169,17 @@ def test_command_line_flags_reach_the_model_config_and_fail_early(monkeypatch):
     with pytest.raises(ValueError, match="--num-attention-heads 4 is not divisible by the Ulysses degree 2"):
         parse_args(args=BASE + ["--context-parallel-size", "2", "--cp-comm-type", "a2a",
                                 "--tensor-model-parallel-size", "4"], world_size=8)
+
+
+def test_document_002_yaml_selects_the_hybrid(tmp_path, monkeypatch):
+    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
+    path = tmp_path / "cp.yaml"
+    path.write_text("parallel_config:\n  context_parallel_size: 4\n  context_parallel_algo: hybrid_cp_algo\n"
+                    "  ulysses_degree_in_cp: 2\n")
+    cfg = init_configs_from_args(parse_args(args=BASE + ["--yaml-cfg", str(path)], world_size=4))
+    assert cfg.parallel_config.context_parallel_size == 4
+    assert cfg.model_config.layer_cp_comm_type(1) == "a2a+p2p" and cfg.model_config.ulysses_degree_in_cp == 2
+    path.write_text("parallel_config:\n  context_parallel_size: 4\n  context_parallel_algo: ulysses_cp_algo\n")
+    with pytest.raises(ValueError, match="--num-attention-heads 4 is not divisible by the Ulysses degree 4 .* x "
+                                         "--tensor-model-parallel-size 2"):
+        parse_args(args=BASE + ["--yaml-cfg", str(path), "--tensor-model-parallel-size", "2"], world_size=8)
