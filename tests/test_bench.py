@@ -50,3 +50,12 @@ def test_moe_hot_experts_prints_traffic_and_the_target_line():
     share = float(re.search(r"computed: (\d\.\d{4})", lines[-2]).group(1))
     assert 0.3 < share < 1.0  # the biased router sends most pairs to the two hot experts
     assert lines[-1].startswith("all-to-all bytes hot / plain: nan (target <= 1 - share")
+
+
+@pytest.mark.slow
+def test_context_parallel_memory_prints_a_row_per_cp_size():
+    """CP=1 (one process) and CP=2 (msrun): activation memory per rank, its ratio to CP=1, tokens/s."""
+    lines = _run("context_parallel_memory.py")
+    rows = [line.split("|") for line in lines if re.match(r"\s+\d+ \|", line)]
+    assert [int(r[0]) for r in rows] == [1, 2], lines
+    assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)

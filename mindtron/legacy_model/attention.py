@@ -233,7 +233,15 @@ class ParallelAttention(nn.Cell):
             _noticed.add("softmax")
             logger.warning("--use-flash-attn with --softmax-type %s: the flash-attention kernel has no softmax "
                            "offset, attention runs on plain ops", config.softmax_type)
-        self.use_flash = use_fused("flash_attention", config.use_flash_attention and config.softmax_type == "vanilla")
+        # Context parallelism: this rank holds s/cp positions; the context-parallel attention brings in the
+        # rest of the sequence (CoreAttention still owns the softmax offset, so parameter names stay put).
+        self.cp_attention = None
+        if ps.get_context_parallel_world_size() > 1:
+            from mindtron.parallel_core.context_parallel import ContextParallelAttention
+            self.cp_attention = ContextParallelAttention(config, layer_number, config.layer_cp_comm_type(layer_number),
+                                                         self.heads_l, self.groups_l)
+        self.use_flash = self.cp_attention is None and use_fused(
+            "flash_attention", config.use_flash_attention and config.softmax_type == "vanilla")
         self.core_attention = (FlashAttention(config, self.heads_l, layer_number) if self.use_flash
                                else CoreAttention(config, layer_number, attn_mask_type))
         self.dense = tp.RowParallelLinear(
@@ -264,7 +272,9 @@ class ParallelAttention(nn.Cell):
         if rotary_pos_emb is not None and self.use_rope:
             query = rotate(query, rotary_pos_emb, self.rope_kernel, self.rope_interleaved, self.rope_mscale)
             key = rotate(key, rotary_pos_emb, self.rope_kernel, self.rope_interleaved, self.rope_mscale)
-        if self.use_flash:
+        if self.cp_attention is not None:  # key/value groups expanded after the exchange (less traffic)
+            context = self.cp_attention(query, key, value, attention_mask, self.core_attention.softmax_offset)
+        elif self.use_flash:
             context = self.core_attention(query.reshape(s, b, -1), key.reshape(s, b, -1),
                                           value.reshape(s, b, -1), attention_mask)
         else:

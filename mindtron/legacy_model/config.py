@@ -225,6 +225,16 @@ class TransformerConfig:
     yarn_correction_range_round_to_int: bool = True
     """Round YaRN's correction range to whole channels (--yarn-correction-range-round-to-int /
     --no-yarn-correction-range-round-to-int)."""
+    cp_comm_type: Optional[List[str]] = None
+    """Context-parallel attention per layer (--cp-comm-type): one of p2p (ring), a2a (Ulysses), allgather,
+    a2a+p2p (Ulysses inside, ring across), once for every layer or once per layer; None: the one
+    `context_parallel_algo` names. Used when --context-parallel-size > 1."""
+    context_parallel_algo: str = "ring"
+    """Document 002's context_parallel_algo ("ring", "ulysses", "hybrid"), used when cp_comm_type is None."""
+    ulysses_degree_in_cp: Optional[int] = None
+    """Ulysses group size inside the context-parallel group for a2a+p2p (document 002)."""
+    hierarchical_context_parallel_sizes: Optional[List[int]] = None
+    """--hierarchical-context-parallel-sizes: [Ulysses size, ring size] for a2a+p2p."""
     window_size: Optional[Tuple[int, int]] = None
     """Sliding-window attention (--window-size LEFT,RIGHT): a query attends to keys at most LEFT positions
     back (-1: unlimited); the model is causal, so RIGHT adds nothing beyond 0 (Transformer Engine's rule)."""
@@ -426,6 +436,11 @@ class TransformerConfig:
     def layer_uses_rope(self, layer_number: int) -> bool:
         """Whether layer `layer_number` (1-based) applies RoPE (--no-rope-freq)."""
         return self.uses_rotary and not (self.no_rope_freq and self.no_rope_freq[layer_number - 1])
+
+    def layer_cp_comm_type(self, layer_number: int) -> str:
+        """The context-parallel algorithm of layer `layer_number` (1-based): p2p, a2a, allgather or a2a+p2p."""
+        from mindtron.parallel_core.context_parallel.settings import layer_comm_types
+        return layer_comm_types(self.num_layers, self.cp_comm_type, self.context_parallel_algo)[layer_number - 1]
 
     def layer_window(self, layer_number: int) -> Optional[Tuple[int, int]]:
         """The sliding window of layer `layer_number` (1-based), None for full attention (Megatron's

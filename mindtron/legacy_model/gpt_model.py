@@ -23,6 +23,8 @@ from mindtron.legacy_model.eod_mask import EodMask
 from mindtron.legacy_model.language_model import get_language_model
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.context_parallel.loss import context_parallel_token_mean
+from mindtron.parallel_core.context_parallel.settings import validate_context_parallel
 
 WORD_EMBEDDING = "language_model.embedding.word_embeddings.weight"
 _LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.")
@@ -79,8 +81,11 @@ def post_language_model_processing(parallel_lm_logits: ParallelLMLogits, lm_outp
     else:
         logits = logits.astype(ms.float32)
     losses = tp.vocab_parallel_cross_entropy(logits, ops.transpose(labels, (1, 0)))  # [s, b]
-    reduce = masked_sum if per_token_loss else masked_mean
-    return reduce(ops.transpose(losses, (1, 0)), loss_mask)
+    if per_token_loss:
+        return masked_sum(ops.transpose(losses, (1, 0)), loss_mask)
+    if ps.get_context_parallel_world_size() > 1:  # this rank holds part of each sequence
+        return context_parallel_token_mean(ops.transpose(losses, (1, 0)), loss_mask)
+    return masked_mean(ops.transpose(losses, (1, 0)), loss_mask)
 
 
 class GPTModel(nn.Cell):
@@ -95,6 +100,10 @@ class GPTModel(nn.Cell):
         super().__init__()
         config.validate_parallel(ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
                                  ps.get_expert_tensor_parallel_world_size())
+        validate_context_parallel(ps.get_context_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+                                  config.seq_length, config.num_attention_heads, config.num_query_groups,
+                                  config.num_layers, config.cp_comm_type, config.context_parallel_algo,
+                                  config.hierarchical_context_parallel_sizes, config.ulysses_degree_in_cp)
         self.config = config
         self.parallel_output = parallel_output
         self.pre_process, self.post_process = pre_process, post_process
@@ -171,6 +180,9 @@ class GPTModel(nn.Cell):
         attention_mask: bool [b or 1, 1, s, s], True where attention is not allowed; None is causal.
         """
         if self.eod is not None and tokens is not None and (position_ids is None or attention_mask is None):
+            if ps.get_context_parallel_world_size() > 1:
+                raise ValueError("GPTModel(eod=...) builds masks from whole sequences; under --context-parallel-size"
+                                 " > 1 pass position_ids and attention_mask split by get_batch_on_this_cp_rank")
             eod_positions, eod_mask = self.eod_mask(tokens)
             position_ids = eod_positions if position_ids is None else position_ids
             attention_mask = eod_mask if attention_mask is None else attention_mask

@@ -13,7 +13,9 @@ from mindspore import Tensor, nn, ops
 from mindtron.legacy_model.attention import AttnMaskType
 from mindtron.legacy_model.rotary import RotaryEmbedding
 from mindtron.legacy_model.transformer import ParallelTransformer, local_layer_range
+from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.context_parallel.batch import this_rank_positions
 
 
 class _Table(nn.Cell):
@@ -45,13 +47,17 @@ class Embedding(nn.Cell):
         self.output_dtype = ms.float32 if config.fp32_residual_connection else config.dtype("compute_dtype")
         self.sequence_parallel = config.sequence_parallel
         self.dropout_p = config.hidden_dropout_rate
+        self.seq_length = config.seq_length
+        self.context_parallel = ps.get_context_parallel_world_size() > 1
 
     def construct(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                   tokentype_ids: Optional[Tensor] = None) -> Tensor:
         embeddings = self.word_embeddings(input_ids)  # [b, s, h]
         if self.learned_positions:
-            if position_ids is None:
-                position_ids = ops.broadcast_to(ops.arange(input_ids.shape[1], dtype=ms.int32), input_ids.shape)
+            if position_ids is None:  # under context parallelism the true positions of this rank's tokens
+                positions = Tensor(this_rank_positions(self.seq_length)) if self.context_parallel else \
+                    ops.arange(input_ids.shape[1], dtype=ms.int32)
+                position_ids = ops.broadcast_to(positions, input_ids.shape)
             embeddings = embeddings + self.position_embeddings(position_ids).astype(embeddings.dtype)
         if tokentype_ids is not None:
             if self.num_tokentypes == 0:
@@ -77,6 +83,8 @@ class TransformerLanguageModel(nn.Cell):
         if pre_process:
             self.embedding = Embedding(config, num_tokentypes)
         self.use_rotary = config.uses_rotary
+        cp = ps.get_context_parallel_world_size()
+        self.cp_positions = Tensor(this_rank_positions(config.seq_length)) if cp > 1 else None
         if self.use_rotary:
             self.rotary_pos_emb = RotaryEmbedding(config)
         offset, count = local_layer_range(config)
@@ -95,6 +103,8 @@ class TransformerLanguageModel(nn.Cell):
                   enc_attn_mask: Optional[Tensor], tokentype_ids: Optional[Tensor] = None) -> Tensor:
         hidden = self.embedding(enc_input_ids, enc_position_ids, tokentype_ids) if self.pre_process else None
         rotary = self.rotary_pos_emb(self.config.seq_length) if self.use_rotary else None
+        if rotary is not None and self.cp_positions is not None:  # the rows of this rank's positions
+            rotary = ops.gather(rotary, self.cp_positions, 0)
         return self.encoder(hidden, enc_attn_mask, rotary)
 
 

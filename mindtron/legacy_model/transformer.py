@@ -84,8 +84,13 @@ class ParallelTransformerLayer(nn.Cell):
             self.ffn_post_norm = build_norm(config, sp, init_value=config.ffn_post_norm_scale)
         # under sequence parallelism attention sees the whole sequence: [s/tp, b, h] -> s
         self.sequence_factor = ps.get_tensor_model_parallel_world_size() if sp else 1
+        # context parallel: attention exchanges K/V through host-side collectives, so only the MLP compiles
+        self.context_parallel = ps.get_context_parallel_world_size() > 1
         if config.jit_layers:
-            if self.is_moe:
+            if self.context_parallel:
+                if not self.is_moe:
+                    self._mlp_block = ms.jit(self._mlp_block)
+            elif self.is_moe:
                 self._attention_block = ms.jit(self._attention_block)
             else:
                 self._compute = ms.jit(self._compute)
@@ -100,11 +105,14 @@ class ParallelTransformerLayer(nn.Cell):
         # hidden_states: [s, b, h] ([s/tp, b, h] under sequence parallelism)
         attention = self.self_attention
         seq = hidden_states.shape[0] * self.sequence_factor
-        if attention_mask is None and self.attn_mask_type == AttnMaskType.causal and not attention.use_flash:
+        # (context parallel: None stays None, the causal structure is built per block of chunks)
+        if (attention_mask is None and self.attn_mask_type == AttnMaskType.causal and not attention.use_flash
+                and not self.context_parallel):
             attention_mask = causal_mask(seq)
         attention_drop = first_drop = second_drop = None
         if self.training:
-            if self.attention_dropout > 0.0 and not attention.use_flash:  # flash attention drops inside
+            # flash attention and context-parallel attention draw their attention dropout themselves
+            if self.attention_dropout > 0.0 and not attention.use_flash and not self.context_parallel:
                 with tp.get_rng_tracker().fork():  # heads are split over tp: each rank drops its own
                     attention_drop = tp.dropout_mask((hidden_states.shape[1], attention.heads_l, seq, seq),
                                                      self.attention_dropout)
@@ -163,7 +171,7 @@ class ParallelTransformer(nn.Cell):
             return
         for i, layer in enumerate(self.layers):
             if config.recompute_granularity == "selective":
-                cell = layer.self_attention.core_attention
+                cell = layer.self_attention.cp_attention or layer.self_attention.core_attention
             elif config.recompute_method == "uniform" or i < config.recompute_num_layers:
                 cell = layer
             else:

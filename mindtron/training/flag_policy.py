@@ -110,7 +110,8 @@ _EXIT_SIGNAL = ("Megatron's per-component exit-signal switches; mindtron's --exi
 _MOE_SAME = "an MoE kernel fusion, communication backend or overlap with no effect on the results here"
 _MOE_MODEL = "changes the MoE model or its routing and is not implemented in mindtron"
 _MOE_UNUSED = "an MoE option for inference, debugging or tracing; not used by pre-training"
-_CP = "context-parallel variant, not implemented yet (its own work stream)"
+_CP = ("Megatron's dynamic (per-batch) context-parallel sizing for packed variable-length sequences; mindtron "
+       "uses one --context-parallel-size with --cp-comm-type")
 _CKPT_OPS = "how Megatron writes or reads its own checkpoint formats; mindtron's checkpoints are unaffected"
 _FP8 = ("low-precision (FP8/FP4/MXFP8) training needs Transformer Engine kernels mindtron does not have; "
         "the numerics would differ")
@@ -211,8 +212,7 @@ _FAMILIES: List[Tuple[str, str, Tuple[str, ...]]] = [
     (REFUSED, _FP8, ("--fp8-", "--fp4-", "--first-last-layers-bf16", "--num-layers-at-start-in-bf16",
                      "--num-layers-at-end-in-bf16", "--te-precision-config-file", "--reuse-grad-buf-for-mxfp8",
                      "--keep-fp8-transpose-cache", "--no-fp8-wgrad")),
-    (IGNORED, _CP, ("--cp-comm-type", "--hierarchical-context-parallel-sizes", "--hybrid-context-parallel",
-                    "--max-seqlen-per-dp-cp-rank")),
+    (IGNORED, _CP, ("--hybrid-context-parallel", "--max-seqlen-per-dp-cp-rank")),
     (REFUSED, _MAMBA, ("--mamba-", "--is-hybrid-model", "--hybrid-", "--linear-", "--experimental-attention-variant",
                        "--dsa-", "--no-dsa-", "--disable-dsa-")),
     (REFUSED, _MLA, ("--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",

@@ -22,6 +22,7 @@ from mindspore import Tensor, ops
 from mindtron.parallel_core import comm
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.context_parallel import get_batch_on_this_cp_rank
 from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
 from mindtron.parallel_core.moe import MoEStepStats, TopKRouter, get_moe_metrics_tracker, update_expert_bias
 from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossScaler, DistributedOptimizer,
@@ -224,6 +225,11 @@ class Trainer:
                     if self.per_token_loss:
                         self._tokens.append(tokens)
                         return loss
+                    cp = ps.get_context_parallel_world_size()
+                    if cp > 1:  # tokens of the whole sequences; x cp as gradients average over dp x cp
+                        tokens = float(comm.all_reduce(Tensor(np.array([tokens], np.float32)),
+                                                       ps.get_context_parallel_group()).asnumpy()[0])
+                        return loss * cp / max(tokens, 1.0)
                     return loss / max(tokens, 1.0)
                 if isinstance(out, tuple):
                     out = out[0]
@@ -250,6 +256,9 @@ class Trainer:
             batch = _as_batch(self.get_batch_func(data_iterator))
         else:
             batch = default_get_batch(data_iterator, self.config)
+        # context parallel: this rank's two load-balanced chunks of every sequence (a no-op when the batch
+        # function has split it already)
+        batch = get_batch_on_this_cp_rank(batch, self.config.model_config.seq_length)
         return iter([batch]) if self.forward_step_func is not None else batch
 
     def _stage_step(self, batch, input_tensor, chunk: int = 0):
@@ -269,7 +278,7 @@ class Trainer:
     def _run_schedule(self, data_iterator, forward_only: bool, scale: float, num_micro_batches: int,
                       grad_sink=None) -> ScheduleResult:
         c = self.config
-        seq = c.model_config.seq_length
+        seq = c.model_config.seq_length // ps.get_context_parallel_world_size()  # this rank's positions
         if c.model_config.sequence_parallel:
             seq //= ps.get_tensor_model_parallel_world_size()
         shape = (seq, c.training_config.micro_batch_size, c.model_config.hidden_size)
@@ -426,11 +435,27 @@ def _ensure_initialized(all_config: AllConfig) -> None:
     init_runtime()
     if not ps.model_parallel_is_initialized():
         p = all_config.parallel_config
+        check_context_parallel(all_config)
         ps.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                      p.virtual_pipeline_model_parallel_size, p.context_parallel_size,
                                      p.expert_model_parallel_size, p.order,
                                      expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         tp.model_parallel_seed(all_config.training_config.seed)
+
+
+def check_context_parallel(all_config: AllConfig) -> None:
+    """Carry document 002's context_parallel_algo / ulysses_degree_in_cp into the model config and check the
+    context-parallel layout (before any process group exists)."""
+    from mindtron.parallel_core.context_parallel import validate_context_parallel
+
+    p, m = all_config.parallel_config, all_config.model_config
+    if m.cp_comm_type is None and m.context_parallel_algo == "ring":
+        m.context_parallel_algo = p.context_parallel_algo
+    if m.ulysses_degree_in_cp is None:
+        m.ulysses_degree_in_cp = p.ulysses_degree_in_cp
+    validate_context_parallel(p.context_parallel_size, p.tensor_model_parallel_size, m.seq_length,
+                              m.num_attention_heads, m.num_query_groups, m.num_layers, m.cp_comm_type,
+                              m.context_parallel_algo, m.hierarchical_context_parallel_sizes, m.ulysses_degree_in_cp)
 
 
 def build_train_valid_test_data_loaders(all_config: AllConfig, train_valid_test_datasets_provider: Callable,

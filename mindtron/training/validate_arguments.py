@@ -131,9 +131,7 @@ def validate_args(args: argparse.Namespace, defaults: Optional[Dict[str, Any]] =
     if args.decoder_seq_length is not None:
         _need(args.max_position_embeddings >= args.decoder_seq_length,
               "--decoder-seq-length must not exceed --max-position-embeddings")
-    if cp > 1:
-        _need(args.seq_length % (2 * cp) == 0, f"--seq-length {args.seq_length} must be a multiple of 2 x "
-              f"--context-parallel-size ({2 * cp}) when --context-parallel-size > 1")
+    _validate_context_parallel(args, user)
 
     _validate_batch(args, user)
     _validate_model_options(args)
@@ -179,6 +177,23 @@ def _read_data_args_files(args: argparse.Namespace) -> None:
     _need(bool(args.mock_data) + bool(args.data_path) +
           any([args.train_data_path, args.valid_data_path, args.test_data_path]) <= 1,
           "give a single data source: --mock-data, --data-path, or --train/--valid/--test-data-path")
+
+
+def _validate_context_parallel(args, user) -> None:
+    """--context-parallel-size with --cp-comm-type (or document 002's context_parallel_algo and
+    ulysses_degree_in_cp) and --hierarchical-context-parallel-sizes: checked here, before any process group."""
+    from mindtron.parallel_core.context_parallel import validate_context_parallel
+
+    if "cp_comm_type" not in user:
+        args.cp_comm_type = None  # Megatron's default ["p2p"]; document 002's context_parallel_algo decides
+    if args.context_parallel_algo == "hybrid" and args.cp_comm_type is None:
+        _need(args.ulysses_degree_in_cp is not None or args.hierarchical_context_parallel_sizes,
+              "--context-parallel-algo hybrid (hybrid_cp_algo) needs --ulysses-degree-in-cp")
+    groups = args.num_query_groups if args.group_query_attention and args.num_query_groups else None
+    validate_context_parallel(args.context_parallel_size, args.tensor_model_parallel_size, args.seq_length,
+                              args.num_attention_heads, groups, args.num_layers, args.cp_comm_type,
+                              args.context_parallel_algo, args.hierarchical_context_parallel_sizes,
+                              args.ulysses_degree_in_cp)
 
 
 def _validate_batch(args: argparse.Namespace, user: set) -> None:
@@ -550,12 +565,6 @@ def _validate_misc(args: argparse.Namespace, user: set) -> None:
         _need(not args.use_flash_attn, "flash attention (--use-flash-attn) cannot be used with --deterministic-mode")
     if args.load_main_params_from_ckpt:
         _need(bool(args.no_load_optim), "--load-main-params-from-ckpt must be used with --no-load-optim")
-    if args.context_parallel_algo == "hybrid":
-        _need(args.ulysses_degree_in_cp is not None, "--context-parallel-algo hybrid needs --ulysses-degree-in-cp")
-    if args.ulysses_degree_in_cp is not None:
-        _need(args.ulysses_degree_in_cp >= 1 and args.context_parallel_size % args.ulysses_degree_in_cp == 0,
-              f"--ulysses-degree-in-cp {args.ulysses_degree_in_cp} must divide --context-parallel-size "
-              f"{args.context_parallel_size}")
     if args.ckpt_format != "safetensors" and "ckpt_format" in user:
         warn_once("--ckpt-format", f"--ckpt-format {args.ckpt_format} is not available in mindtron; "
                    "checkpoints are saved as safetensors")

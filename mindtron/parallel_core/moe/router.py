@@ -131,6 +131,10 @@ class TopKRouter(nn.Cell):
     def _attach(self, x: Tensor, loss: Tensor, num_tokens: int) -> Tensor:
         if self.per_token_loss:
             loss = loss * float(num_tokens * ps.get_tensor_and_context_parallel_group().size)
+        elif ps.get_context_parallel_world_size() > 1:
+            # each context rank holds its tokens' part of the loss and gradients average over dp x cp: x cp
+            # (as the language-model loss), so the parts sum to the whole sequences' auxiliary loss
+            loss = loss * float(ps.get_context_parallel_world_size())
         return attach_aux_loss(x, loss)
 
     # ---- pieces -------------------------------------------------------------------------------------
