@@ -4,6 +4,7 @@
     python bench/mindformers_layouts.py --layouts single pp2  # a subset
     python bench/mindformers_layouts.py --tiny --layouts single   # seconds (CI)
     python bench/mindformers_layouts.py --no-jit-layers       # mindtron's layers eager
+    python bench/mindformers_layouts.py --layouts pp2 --stage-recompute   # stages re-run their forward
 
 The model is MindFormers' GPT config (vocab 1024, hidden 256, 8 heads, 4 layers, ffn 1024, seq 256, micro
 batch 4; mindtron's GPT-2 style GPTModel, fp32, AdamW, clipping at 1.0) trained through mindtron's Trainer as
@@ -46,6 +47,9 @@ def worker(args) -> None:
     from mindtron.parallel_core.runtime import init_runtime
 
     tp, pp, micro_batches, _ = LAYOUTS[args.worker]
+    if args.stage_recompute:
+        from mindtron.parallel_core.pipeline_parallel.schedules import StageRunner
+        StageRunner.keep_graph = False
     init_runtime()
     world = comm.get_world_size()
     if world != tp * pp:
@@ -77,6 +81,8 @@ def _passthrough(args) -> list:
         out += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if args.jit_layers is not None:
         out.append("--jit-layers" if args.jit_layers else "--no-jit-layers")
+    if args.stage_recompute:
+        out.append("--stage-recompute")
     return out
 
 
@@ -117,6 +123,9 @@ def main(argv=None):
     common.add_model_args(parser, steps=5, warmup=2)
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["single", "tp2", "pp2"],
                         help="which layouts to run (default all three)")
+    parser.add_argument("--stage-recompute", action="store_true",
+                        help="pipeline stages re-run their forward at backward time instead of keeping the graph "
+                             "(the path before issue 19; for comparison)")
     parser.add_argument("--worker", choices=sorted(LAYOUTS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     base = common.TINY if args.tiny else MINDFORMERS_GPT

@@ -50,8 +50,9 @@ class StageRunner:
     """Forward and backward of one stage for one micro-batch."""
 
     keep_graph = True
-    """Default for `keep_graph`: keep each in-flight micro-batch's forward graph rather than re-running the
-    forward at backward time. Same gradients bit for bit; one stage forward less per micro-batch."""
+    """Keep each in-flight micro-batch's forward graph rather than re-running the forward at backward time
+    (same gradients bit for bit; one stage forward less per micro-batch) where the `keep_graph` argument
+    allows it. False here turns it off everywhere (bench/mindformers_layouts.py --stage-recompute)."""
 
     def __init__(self, step: Callable, params: Sequence, scale: float, keep_graph: Optional[bool] = None):
         self.step, self.params, self.scale = step, list(params), scale
@@ -60,7 +61,7 @@ class StageRunner:
         self._weights = ParameterTuple(self.params)
         self._grad_input_and_weights = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
         self._grad_weights = ops.GradOperation(get_by_list=True, sens_param=True)
-        keep = self.keep_graph if keep_graph is None else keep_graph
+        keep = self.keep_graph and keep_graph is not False
         self._cell = _StageCell(step) if keep else None
 
     def forward(self, batch, input_tensor: Optional[Tensor]) -> Tensor:
