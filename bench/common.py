@@ -22,8 +22,11 @@ def add_model_args(parser: argparse.ArgumentParser, steps: int, warmup: int) -> 
                             help=f"default {value} ({TINY[name]} with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CI, smoke tests)")
     parser.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default 0)")
-    parser.add_argument("--jit-layers", action="store_true",
-                        help="mindtron compiles each transformer layer with mindspore.jit (TransformerConfig.jit_layers)")
+    jit = parser.add_mutually_exclusive_group()
+    jit.add_argument("--jit-layers", dest="jit_layers", action="store_true", default=None,
+                     help="mindtron compiles each transformer layer with mindspore.jit (TransformerConfig.jit_layers)")
+    jit.add_argument("--no-jit-layers", dest="jit_layers", action="store_false",
+                     help="mindtron runs its transformer layers eagerly (default: TransformerConfig's default)")
     parser.add_argument("--steps", type=int, default=steps, help="measured steps (per variant)")
     parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured steps first (compilation, caches)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -47,7 +50,8 @@ def model_config(args, **overrides):
         ffn_hidden_size=args.ffn, seq_length=args.seq, max_position_embeddings=args.seq,
         attention_dropout_rate=args.dropout, hidden_dropout_rate=args.dropout),
         # only when asked: the bench also runs against older mindtron checkouts (PYTHONPATH) without the field
-        **({"jit_layers": True} if args.jit_layers else {}), **overrides})
+        # and against checkouts with the other default
+        **({} if args.jit_layers is None else {"jit_layers": args.jit_layers}), **overrides})
 
 
 def all_config(args, micro_batches: int = 1, dp: int = 1, tp: int = 1, pp: int = 1, sp: bool = False,

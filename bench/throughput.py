@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
             ("model", f"GPT vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
                       f"ffn {args.ffn}, seq {args.seq}, fp32, {params / 1e6:.2f}M parameters"),
             ("layout", f"tp {args.tp}{' + sp' if args.sp else ''}, pp {args.pp}, dp {dp} ({world} processes)"),
-            ("jit layers", "on" if args.jit_layers else "off"),
+            ("jit layers", "on" if getattr(config.model_config, "jit_layers", False) else "off"),
             ("global batch", f"{config.training_config.global_batch_size} sequences = {tokens} tokens "
                              f"(micro batch {args.micro_batch} x {micro_batches} x dp {dp})"),
             ("step time (median)", f"{step_s * 1000:.1f} ms over {args.steps} steps"),

@@ -394,6 +394,7 @@ DOC002_TABLES = [
      ["--untie-embeddings-and-output-weights"], True),
     ("transformer_impl", "model_config.transformer_impl", ["--transformer-impl", "local"], "local"),
     ("enable_cuda_graph", "model_config.jit_layers", ["--enable-cuda-graph"], True),
+    ("no_jit_layers", "model_config.jit_layers", ["--no-jit-layers"], False),
     ("recompute_granularity", "model_config.recompute_granularity", ["--recompute-granularity", "selective"],
      "selective"),
     ("recompute_method", "model_config.recompute_method", _RC, "block"),
@@ -530,8 +531,10 @@ def test_document_002_tables_land_in_their_fields():
     mapped = set(A.CONFIG_MAP)
     _, default_cfg = configs()
     # rows whose test value equals the default: the only value mindtron has, a default-off fusion, and the
-    # biases that default to on with Megatron's add_bias_linear (the Llama test checks them off)
-    same_as_default = {"transformer_impl", "ckpt_format", "apply_rope_fusion", "add_qkv_bias", "add_dense_bias"}
+    # biases that default to on with Megatron's add_bias_linear (the Llama test checks them off), and
+    # --enable-cuda-graph asking for the compiled layers that are mindtron's default (--no-jit-layers: off)
+    same_as_default = {"transformer_impl", "ckpt_format", "apply_rope_fusion", "add_qkv_bias", "add_dense_bias",
+                       "enable_cuda_graph"}
     wrong = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotImplementedFlagWarning)  # --num-experts in the EP row
@@ -849,3 +852,15 @@ def test_global_args():
     set_args(args)
     assert get_args() is args
     assert init_configs_from_args().model_config.num_layers == 2
+
+
+def test_compiled_layers_are_the_default_and_no_jit_layers_turns_them_off(tmp_path):
+    assert configs()[1].model_config.jit_layers is True
+    assert configs(["--enable-cuda-graph"])[1].model_config.jit_layers is True
+    assert configs(["--no-jit-layers"])[1].model_config.jit_layers is False
+    with pytest.raises(ValueError, match="--enable-cuda-graph .* --no-jit-layers"):
+        configs(["--enable-cuda-graph", "--no-jit-layers"])
+    for value, expected in (("false", False), ("true", True)):
+        path = tmp_path / f"jit_{value}.yaml"
+        path.write_text(f"model_config:\n  jit_layers: {value}\n")
+        assert configs(["--yaml-cfg", str(path)])[1].model_config.jit_layers is expected

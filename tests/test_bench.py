@@ -21,7 +21,7 @@ def _run(script: str, *args: str) -> list:
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_step_overhead_prints_both_medians_and_the_ratio_last(jit):
-    lines = _run("step_overhead.py", "--steps", "2", "--warmup", "1", *(["--jit-layers"] if jit else []))
+    lines = _run("step_overhead.py", "--steps", "2", "--warmup", "1", "--jit-layers" if jit else "--no-jit-layers")
     assert any(line.endswith(f"jit_layers {'on' if jit else 'off'}") for line in lines), lines
     assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]), lines[-1]
     assert float(lines[-1].split()[1]) > 0
@@ -59,3 +59,41 @@ def test_context_parallel_memory_prints_a_row_per_cp_size():
     rows = [line.split("|") for line in lines if re.match(r"\s+\d+ \|", line)]
     assert [int(r[0]) for r in rows] == [1, 2], lines
     assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_vs_pytorch_prints_both_rates_and_the_ratio_last():
+    pytest.importorskip("torch")
+    lines = _run("vs_pytorch.py", "--steps", "2", "--warmup", "1")
+    assert "mindtron jit_layers on" in lines[0], lines[0]  # compiled layers are the default
+    for side in ("pytorch", "mindtron"):
+        assert any(re.match(rf"{side}\s+median step\s+\d+\.\d ms\s+\d+\.\d tokens/s", line) for line in lines), (side, lines)
+    assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]) and float(lines[-1].split()[1]) > 0, lines[-1]
+
+
+def test_vs_pytorch_says_so_without_torch(monkeypatch, capsys):
+    import builtins
+    import importlib.util
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    spec = importlib.util.spec_from_file_location("vs_pytorch", os.path.join(ROOT, "bench", "vs_pytorch.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert module.main(["--tiny"]) is None
+    assert "PyTorch is not installed" in capsys.readouterr().out
+
+
+def test_mindformers_layouts_prints_the_table_and_min_ratio_last():
+    lines = _run("mindformers_layouts.py", "--layouts", "single", "pp2", "--steps", "1", "--warmup", "1")
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and not line.startswith("| layout")]
+    assert [r[0].strip() for r in rows] == ["single", "pp2"], lines
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0 and float(row[6]) > 0  # tokens/s, reference, ratio
+    assert re.fullmatch(r"min ratio: \d+\.\d{3} \(target 2\.0\)", lines[-1]), lines[-1]

@@ -57,7 +57,9 @@ CONFIG_MAP: Tuple[Tuple[str, str], ...] = (
     ("untie_embeddings_and_output_weights", "model_config.untie_embeddings_and_output_weights"),
     ("transformer_impl", "model_config.transformer_impl"),
     # Megatron captures each layer as a CUDA graph and replays it; mindtron compiles each layer with jit
+    # (on by default; --no-jit-layers turns it off: _model_config combines the two)
     ("enable_cuda_graph", "model_config.jit_layers"),
+    ("no_jit_layers", "model_config.jit_layers"),
     ("recompute_granularity", "model_config.recompute_granularity"),
     ("recompute_method", "model_config.recompute_method"),
     ("recompute_num_layers", "model_config.recompute_num_layers"),
@@ -349,7 +351,11 @@ def _model_config(args: argparse.Namespace) -> TransformerConfig:
         logger.info("no vocabulary size known yet (--vocab-size/--padded-vocab-size); using GPT-2's %d padded "
                     "to %d", GPT2_VOCAB, vocab)
     kw = _simple_fields(args, "model_config", skip=("vocab_size",))
+    if args.enable_cuda_graph and args.no_jit_layers:
+        raise ValueError("--enable-cuda-graph compiles the transformer layers and --no-jit-layers runs them "
+                         "eagerly: give one of them (compiled layers are the default)")
     kw.update(
+        jit_layers=not args.no_jit_layers,
         vocab_size=vocab,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         rotary_base=float(args.rotary_base),

@@ -375,6 +375,8 @@ _MINDTRON_MODEL = [
     on("--use-fused-rope"),
     on("--use-fused-rmsnorm"),
     val("--hidden-act", str, choices=("gelu", "gelu_tanh", "swiglu", "squared_relu", "silu", "quick_geglu")),
+    # compiled transformer layers (TransformerConfig.jit_layers) are the default; this runs them eagerly
+    on("--no-jit-layers"),
 ]
 
 _MINDTRON_TRAINING = [

@@ -30,6 +30,7 @@ from mindtron.parallel_core.optimizer import (AdaptiveLossScaler, ConstantLossSc
                                               clip_grads, count_zeros, found_inf_in_grads, get_grad_norm,
                                               get_megatron_optimizer, needs_main_copies)
 from mindtron.parallel_core.pipeline_parallel import ScheduleResult, get_forward_backward_func
+from mindtron.parallel_core.pipeline_parallel.schedules import stage_graphs_allowed
 from mindtron.parallel_core.timers import get_timers
 from mindtron.training import checkpointing
 from mindtron.training.callbacks import CallbackList, TrainState, build_callbacks
@@ -287,7 +288,8 @@ class Trainer:
             step=self._stage_step, batches=self._micro_batches(data_iterator),
             params=self.chunk_params if len(self.chunks) > 1 else self.params,
             num_microbatches=num_micro_batches, tensor_shape=shape, loss_scale=scale, forward_only=forward_only,
-            grad_sink=grad_sink, calculate_per_token_loss=self.per_token_loss)
+            grad_sink=grad_sink, calculate_per_token_loss=self.per_token_loss,
+            keep_stage_graphs=stage_graphs_allowed(c.model_config))
 
     def _global_tokens(self) -> float:
         """Unmasked tokens of the whole global batch: counted where the loss is computed (last pipeline stage),

@@ -37,7 +37,7 @@ def _field_to_dest() -> Dict[Tuple[str, str], str]:
 FIELD_TO_DEST = _field_to_dest()
 # Fields whose YAML value does not copy onto one flag.
 FIELD_SPECIAL = {("optimizer_config", "betas"), ("model_config", "fa_config"), ("parallel_config", "order"),
-                 ("model_config", "moe_config")}
+                 ("model_config", "moe_config"), ("model_config", "jit_layers")}
 _FA_KEYS = {"pre_tokens": "pre_tockens", "next_tokens": "next_tockens", "input_layout": "shape_order"}
 _ORDERS = {"tp-cp-ep-dp-pp": False, "tp-cp-ep-pp-dp": True}
 
@@ -144,6 +144,8 @@ def _special_yaml(section: str, field: str, value: Any, where: str) -> List[Tupl
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ValueError(f"{where}: betas must be a pair [beta1, beta2], got {value!r}")
         return [("adam_beta1", value[0]), ("adam_beta2", value[1])]
+    if (section, field) == ("model_config", "jit_layers"):  # on by default: false is --no-jit-layers
+        return [("no_jit_layers", not mf.str_to_bool(value))]
     if (section, field) == ("model_config", "fa_config"):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: fa_config must be a mapping of pre_tokens/next_tokens/input_layout")

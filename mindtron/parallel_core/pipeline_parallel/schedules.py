@@ -2,10 +2,21 @@
 `get_forward_backward_func`).
 
 A schedule runs `num_microbatches` micro-batches through this rank's model and returns the per-micro-batch
-losses (last stage) and the gradients summed over micro-batches. Backward through a non-last stage
-re-runs the stage's forward under `GradOperation` with the received output gradient as the sensitivity:
-PyNative keeps no graph between calls, so a stage stores only each in-flight micro-batch's input (the
-activations of Megatron's full recompute), and 1F1B bounds how many are in flight by pp - stage.
+losses (last stage) and the gradients summed over micro-batches. A non-last stage runs each micro-batch's
+forward once with autodiff recording (a `_StageCell` with `set_grad`) and keeps that graph (the micro-batch's
+activations, as Megatron keeps them) until its output gradient arrives; `GradOperation` on the same cell and
+the same input tensors then finds the recorded graph and runs only the backward. 1F1B bounds how many graphs
+are held by pp - stage. `--recompute-granularity full` still trades that memory for compute inside the layers
+and the stage then stores only each micro-batch's input and re-runs its forward at backward time: MindSpore 2.10
+pulls a recorded graph with recompute cells back wrongly once other micro-batches' forwards ran in between
+(tests/test_stage_graphs.py), so the schedules keep graphs only with `keep_stage_graphs=True` (the Trainer's
+choice: no recompute configured; `stage_graphs_allowed(model_config)`). Dropout masks of a kept graph are
+the ones its forward drew; the re-run path draws new masks for the re-run forward.
+
+Why a cell and not `mindspore.vjp`: MindSpore 2.10's PyNative executor keeps the graphs of function-level vjp
+calls as a stack, so only the most recent one can be pulled back (first-in-first-out, as 1F1B needs, fails
+with "Can not find top cell for backward" or pulls back the wrong graph); a cell's already-run graphs are
+found by their input tensors in any order.
 
 `step(batch, input_tensor)` is the stage's forward: it returns the loss on the last stage and the hidden
 states [s, b, h] elsewhere; `input_tensor` is the previous stage's output (None on the first stage).
@@ -17,7 +28,8 @@ import dataclasses
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mindspore as ms
-from mindspore import ParameterTuple, Tensor, ops
+import numpy as np
+from mindspore import ParameterTuple, Tensor, nn, ops
 
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core.moe import aux_loss as moe_aux_loss
@@ -37,13 +49,20 @@ class ScheduleResult:
 class StageRunner:
     """Forward and backward of one stage for one micro-batch."""
 
-    def __init__(self, step: Callable, params: Sequence, scale: float):
+    keep_graph = True
+    """Keep each in-flight micro-batch's forward graph rather than re-running the forward at backward time
+    (same gradients bit for bit; one stage forward less per micro-batch) where the `keep_graph` argument
+    allows it. False here turns it off everywhere (bench/mindformers_layouts.py --stage-recompute)."""
+
+    def __init__(self, step: Callable, params: Sequence, scale: float, keep_graph: Optional[bool] = None):
         self.step, self.params, self.scale = step, list(params), scale
         # MoE auxiliary losses get the main loss's gradient scale (Megatron's MoEAuxLossAutoScaler)
         moe_aux_loss.set_aux_loss_backward_scale(scale)
         self._weights = ParameterTuple(self.params)
         self._grad_input_and_weights = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
         self._grad_weights = ops.GradOperation(get_by_list=True, sens_param=True)
+        keep = self.keep_graph and keep_graph is not False
+        self._cell = _StageCell(step) if keep else None
 
     def forward(self, batch, input_tensor: Optional[Tensor]) -> Tensor:
         with get_timers()("forward-compute", log_level=2):
@@ -71,12 +90,36 @@ class StageRunner:
         (_, loss), (gx, grads) = ms.value_and_grad(fn_x, 0, self.params, has_aux=True)(input_tensor)
         return loss, gx, list(grads)
 
-    def backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
-        """Non-last stage: re-run the forward and pull `output_grad` back: (input grad or None, weight grads)."""
-        with get_timers()("backward-compute", log_level=2):
-            return self._backward(batch, input_tensor, output_grad)
+    def forward_for_backward(self, batch, input_tensor: Optional[Tensor]):
+        """Non-last stage: (output, pending) where `pending` is what `backward` needs later: the key and input
+        of this forward's recorded graph (keep_graph), or the batch and input to re-run it from."""
+        if self._cell is None:
+            return self.forward(batch, input_tensor), (batch, input_tensor)
+        key = Tensor(np.zeros((1,), np.int32))  # names this micro-batch's graph (by tensor identity)
+        self._cell.batches[id(key)] = batch
+        args = (key,) if input_tensor is None else (key, input_tensor)
+        with get_timers()("forward-compute", log_level=2):
+            return self._cell(*args), args
 
-    def _backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
+    def backward(self, pending, output_grad: Tensor):
+        """Non-last stage: pull `output_grad` back through a `forward_for_backward`: (input grad or None,
+        weight grads)."""
+        with get_timers()("backward-compute", log_level=2):
+            if self._cell is None:
+                return self._recompute_backward(*pending, output_grad)
+            # the same cell and the same argument tensors: the graph recorded by the forward is reused
+            with moe_aux_loss.replaying():  # (were the forward re-run, its router statistics are counted)
+                if len(pending) == 1:
+                    grads = self._grad_weights(self._cell, self._weights)(*pending, output_grad)
+                    input_grad = None
+                else:
+                    input_grads, grads = self._grad_input_and_weights(self._cell, self._weights)(
+                        *pending, output_grad)
+                    input_grad = input_grads[1]
+            del self._cell.batches[id(pending[0])]
+            return input_grad, list(grads)
+
+    def _recompute_backward(self, batch, input_tensor: Optional[Tensor], output_grad: Tensor):
         with moe_aux_loss.replaying():  # the re-run forward's router statistics were counted already
             if input_tensor is None:
                 grads = self._grad_weights(lambda: self.step(batch, None), self._weights)(output_grad)
@@ -84,6 +127,27 @@ class StageRunner:
             input_grads, grads = self._grad_input_and_weights(lambda x: self.step(batch, x), self._weights)(
                 input_tensor, output_grad)
         return input_grads[0], list(grads)
+
+
+def stage_graphs_allowed(model_config) -> bool:
+    """Whether a stage may keep its micro-batches' forward graphs: not with recomputed cells (activation
+    recompute, MoE layer recompute), whose recorded graphs MindSpore 2.10 cannot pull back out of order."""
+    moe = getattr(model_config, "moe_config", None)
+    return model_config.recompute_granularity is None and not getattr(moe, "moe_layer_recompute", False)
+
+
+class _StageCell(nn.Cell):
+    """The stage's forward as a cell with autodiff recording on: `construct(key, [input])` runs
+    `step(batches[id(key)], input)`. The key tensor makes each micro-batch's call distinct."""
+
+    def __init__(self, step: Callable):
+        super().__init__(auto_prefix=False)
+        self.step = step
+        self.batches = {}
+        self.set_grad(True)
+
+    def construct(self, key, *input_tensor):
+        return self.step(self.batches[id(key)], input_tensor[0] if input_tensor else None)
 
 
 def _accumulate(total: Optional[List[Tensor]], grads: List[Tensor]) -> List[Tensor]:
@@ -145,7 +209,8 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
                                                      num_microbatches: int, tensor_shape: Sequence[int],
                                                      dtype=ms.float32, loss_scale: float = 1.0,
                                                      forward_only: bool = False, grad_sink=None,
-                                                     calculate_per_token_loss: bool = False, **_) -> ScheduleResult:
+                                                     calculate_per_token_loss: bool = False,
+                                                     keep_stage_graphs: bool = True, **_) -> ScheduleResult:
     """1F1B: warm-up forwards, then one forward and one backward each step, then cool-down backwards.
 
     Stage r runs min(pp - r - 1, m) warm-up forwards, so it holds at most pp - r micro-batch inputs.
@@ -153,10 +218,11 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
     rank = ps.get_pipeline_model_parallel_rank()
     size = ps.get_pipeline_model_parallel_world_size()
     last = ps.is_pipeline_last_stage()
-    runner = StageRunner(step, params, _loss_weight(loss_scale, num_microbatches, calculate_per_token_loss))
+    runner = StageRunner(step, params, _loss_weight(loss_scale, num_microbatches, calculate_per_token_loss),
+                         keep_stage_graphs)
     warmup = min(size - rank - 1, num_microbatches)
     steady = num_microbatches - warmup
-    pending = collections.deque()  # (batch, input) of micro-batches whose backward is still to come
+    pending = collections.deque()  # what the backward of each micro-batch still to come needs
     losses: List[Tensor] = []
     total = _GradSum(1, num_microbatches, grad_sink)
     most = 0
@@ -168,14 +234,17 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
             losses.append(loss)
             total.add(0, grads)
             return None, gx
-        out = runner.forward(batch, x)
-        if last:
-            losses.append(out)
-            return None, None
+        if last or forward_only:
+            out = runner.forward(batch, x)
+            if last:
+                losses.append(out)
+            return (None if last else out), None
+        out, held = runner.forward_for_backward(batch, x)
+        pending.append(held)
         return out, None
 
-    def backward_step(batch, x, output_grad):
-        gx, grads = runner.backward(batch, x, output_grad)
+    def backward_step(output_grad):
+        gx, grads = runner.backward(pending.popleft(), output_grad)
         total.add(0, grads)
         return gx
 
@@ -185,7 +254,6 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
         out, _ = forward_step(batch, x)
         p2p.send_forward(out, dtype)
         if not forward_only:
-            pending.append((batch, x))
             most = max(most, len(pending))
     x = p2p.recv_forward(tensor_shape, dtype) if steady > 0 else None
     for i in range(steady):
@@ -201,11 +269,9 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
             gx = last_stage_gx  # the last stage did this micro-batch's backward already
             most = max(most, 1)
         else:
-            pending.append((batch, x))
             most = max(most, len(pending))
             output_grad = p2p.send_forward_recv_backward(out, tensor_shape, dtype)
-            old_batch, old_x = pending.popleft()
-            gx = backward_step(old_batch, old_x, output_grad)
+            gx = backward_step(output_grad)
         if final:
             p2p.send_backward(gx, dtype)
         else:
@@ -213,8 +279,7 @@ def forward_backward_pipelining_without_interleaving(step: Callable, batches: It
     if not forward_only:
         for _ in range(warmup):
             output_grad = p2p.recv_backward(tensor_shape, dtype)
-            old_batch, old_x = pending.popleft()
-            p2p.send_backward(backward_step(old_batch, old_x, output_grad), dtype)
+            p2p.send_backward(backward_step(output_grad), dtype)
     return ScheduleResult(losses, None if forward_only else total.result(), most)
 
 
@@ -231,7 +296,8 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
                                                   num_microbatches: int, tensor_shape: Sequence[int],
                                                   dtype=ms.float32, loss_scale: float = 1.0,
                                                   forward_only: bool = False, grad_sink=None,
-                                                  calculate_per_token_loss: bool = False, **_) -> ScheduleResult:
+                                                  calculate_per_token_loss: bool = False,
+                                                  keep_stage_graphs: bool = True, **_) -> ScheduleResult:
     """Interleaved 1F1B over v model chunks per rank (Megatron's virtual pipeline schedule).
 
     `params[c]` are chunk c's parameters and `step(batch, input_tensor, chunk=c)` its forward. Virtual
@@ -247,11 +313,12 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
     total = num_microbatches * v
     first_rank, last_rank = rank == 0, rank == p - 1
     weight = _loss_weight(loss_scale, num_microbatches, calculate_per_token_loss)
-    runners = [StageRunner(lambda b, x, c=c: step(b, x, chunk=c), params[c], weight) for c in range(v)]
+    runners = [StageRunner(lambda b, x, c=c: step(b, x, chunk=c), params[c], weight, keep_stage_graphs)
+               for c in range(v)]
     all_warmup = num_microbatches == p
     warmup = total if (forward_only or all_warmup) else min((p - rank - 1) * 2 + (v - 1) * p, total)
     steady = total - warmup
-    inputs = [collections.deque() for _ in range(v)]   # (batch, input) awaiting backward, per chunk
+    inputs = [collections.deque() for _ in range(v)]   # what each backward to come needs, per chunk
     fresh = [collections.deque() for _ in range(v)]    # received inputs awaiting forward, per chunk
     out_grads = [collections.deque() for _ in range(v)]
     chunk_batches = [collections.deque() for _ in range(v)]
@@ -283,25 +350,27 @@ def forward_backward_pipelining_with_interleaving(step: Callable, batches: Itera
             loss, gx, grads = runners[c].loss_and_grads(batch, x)
             losses.append(loss)
             totals.add(c, grads)
-            inputs[c].append((batch, x, gx))  # backward already done: keep its input gradient
+            inputs[c].append(gx)  # backward already done: keep its input gradient
             most = max(most, sum(len(q) for q in inputs))
             return None
-        out = runners[c].forward(batch, x)
-        if is_last_virtual(c):
-            losses.append(out)
-            return None
-        if not forward_only:
-            inputs[c].append((batch, x, None))
-            most = max(most, sum(len(q) for q in inputs))
+        if forward_only or is_last_virtual(c):
+            out = runners[c].forward(batch, x)
+            if is_last_virtual(c):
+                losses.append(out)
+                return None
+            return out
+        out, held = runners[c].forward_for_backward(batch, x)
+        inputs[c].append(held)
+        most = max(most, sum(len(q) for q in inputs))
         return out
 
     def backward_k(k: int):
         c = chunk_of(k, False)
-        batch, x, done_gx = inputs[c].popleft()
+        held = inputs[c].popleft()
         if is_last_virtual(c):
-            gx = done_gx
+            gx = held
         else:
-            gx, grads = runners[c].backward(batch, x, out_grads[c].popleft())
+            gx, grads = runners[c].backward(held, out_grads[c].popleft())
             totals.add(c, grads)
         return None if is_first_virtual(c) else gx
 
