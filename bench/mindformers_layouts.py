@@ -142,7 +142,8 @@ def main(argv=None):
     print(f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
           f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32; "
           f"mindtron jit_layers {'on' if results[0]['jit_layers'] else 'off'}")
-    print("| layout | processes | micro-batches | mindtron step ms | mindtron tokens/s | MindFormers tokens/s | ratio |")
+    print("| layout | processes | micro-batches | mindtron step ms | mindtron tokens/s | MindFormers tokens/s "
+          "| ratio |")
     print("|---|---|---|---|---|---|---|")
     ratios = []
     for result in results:
