@@ -36,6 +36,7 @@ MINDFORMERS_GPT = dict(vocab=1024, hidden=256, heads=8, layers=4, ffn=1024, seq=
 LAYOUTS = {"single": (1, 1, 1, 914.0), "tp2": (2, 1, 1, 690.0), "pp2": (1, 2, 4, 1528.0)}
 TARGET = 2.0
 _MARK = "MINDFORMERS_LAYOUT_RESULT "
+_WORKER_ENV = "MINDTRON_BENCH_LAYOUT_WORKER"
 
 
 def worker(args) -> None:
@@ -90,13 +91,15 @@ def run_layout(name: str, args) -> dict:
     """Run one layout in fresh processes (msrun for 2 ranks) and return its result line."""
     tp, pp, _, _ = LAYOUTS[name]
     nprocs = tp * pp
-    cmd = [os.path.abspath(__file__), "--worker", name, *_passthrough(args)]
+    cmd = [os.path.abspath(__file__), *_passthrough(args)]
     env = dict(os.environ)
+    # the layout goes through the environment: msrun's own parser takes "--worker..." for its --worker_num
+    env[_WORKER_ENV] = name
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if nprocs == 1:
         out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
-        text = out.stdout + out.stderr
         code = out.returncode
+        text = out.stdout + out.stderr
     else:
         import socket
         with socket.socket() as s:  # a free port for msrun's scheduler
@@ -108,7 +111,7 @@ def run_layout(name: str, args) -> dict:
                               "--master_port", str(port), "--log_dir", log_dir, "--join=True", *cmd],
                              capture_output=True, text=True, env=env)
         logs = [os.path.join(log_dir, f"worker_{r}.log") for r in range(nprocs)]
-        text = out.stdout + "".join(open(p, errors="replace").read() for p in logs if os.path.exists(p))
+        text = out.stdout + out.stderr + "".join(open(p, errors="replace").read() for p in logs if os.path.exists(p))
         code = out.returncode
         shutil.rmtree(log_dir, ignore_errors=True)
     for line in text.splitlines():
@@ -126,8 +129,8 @@ def main(argv=None):
     parser.add_argument("--stage-recompute", action="store_true",
                         help="pipeline stages re-run their forward at backward time instead of keeping the graph "
                              "(the path before issue 19; for comparison)")
-    parser.add_argument("--worker", choices=sorted(LAYOUTS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.worker = os.environ.get(_WORKER_ENV)
     base = common.TINY if args.tiny else MINDFORMERS_GPT
     for name, value in base.items():
         if getattr(args, name) is None:
@@ -139,7 +142,8 @@ def main(argv=None):
     print(f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
           f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32; "
           f"mindtron jit_layers {'on' if results[0]['jit_layers'] else 'off'}")
-    print("| layout | processes | micro-batches | mindtron step ms | mindtron tokens/s | MindFormers tokens/s | ratio |")
+    print("| layout | processes | micro-batches | mindtron step ms | mindtron tokens/s | MindFormers tokens/s "
+          "| ratio |")
     print("|---|---|---|---|---|---|---|")
     ratios = []
     for result in results:

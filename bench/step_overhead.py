@@ -43,9 +43,10 @@ def main(argv=None) -> float:
     plain_data = common.synthetic_text(args.micro_batch, args.seq, args.vocab, args.seed)
 
     params = sum(int(p.size) for p in trainer.params)
+    jit = "on" if getattr(config.model_config, "jit_layers", False) else "off"
     print(f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
           f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32, dropout {args.dropout}, "
-          f"{params / 1e6:.2f}M parameters; mindtron jit_layers {'on' if getattr(config.model_config, 'jit_layers', False) else 'off'}")
+          f"{params / 1e6:.2f}M parameters; mindtron jit_layers {jit}")
     times = {"mindtron": [], "plain": []}
     losses = {"mindtron": [], "plain": []}
     for step in range(args.warmup + args.steps):

@@ -66,7 +66,8 @@ def test_vs_pytorch_prints_both_rates_and_the_ratio_last():
     lines = _run("vs_pytorch.py", "--steps", "2", "--warmup", "1")
     assert "mindtron jit_layers on" in lines[0], lines[0]  # compiled layers are the default
     for side in ("pytorch", "mindtron"):
-        assert any(re.match(rf"{side}\s+median step\s+\d+\.\d ms\s+\d+\.\d tokens/s", line) for line in lines), (side, lines)
+        pattern = rf"{side}\s+median step\s+\d+\.\d ms\s+\d+\.\d tokens/s"
+        assert any(re.match(pattern, line) for line in lines), (side, lines)
     assert re.fullmatch(r"ratio: \d+\.\d{3}", lines[-1]) and float(lines[-1].split()[1]) > 0, lines[-1]
 
 
