@@ -104,6 +104,46 @@ def median(values: List[float]) -> float:
     return statistics.median(values)
 
 
+def describe_model(args, trainer, config) -> str:
+    """The benchmark model's sizes, parameter count and whether mindtron compiles its layers."""
+    params = sum(int(p.size) for p in trainer.params)
+    jit = "on" if getattr(config.model_config, "jit_layers", False) else "off"
+    return (f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
+            f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32, dropout {args.dropout}, "
+            f"{params / 1e6:.2f}M parameters; mindtron jit_layers {jit}")
+
+
+def alternate_steps(sides: Dict[str, Callable[[], float]], warmup: int, steps: int):
+    """Run each side's step (returning its loss) `warmup + steps` times, alternating which side goes first so
+    neither always runs right after the other's allocations: ({side: measured seconds}, {side: losses})."""
+    names = list(sides)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    losses: Dict[str, List[float]] = {name: [] for name in names}
+    for step in range(warmup + steps):
+        for name in (names if step % 2 == 0 else names[::-1]):
+            t = timed(lambda: losses[name].append(sides[name]()))
+            if step >= warmup:
+                times[name].append(t)
+    return times, losses
+
+
+def slowest_rank_median_step(trainer, data, warmup: int, steps: int) -> float:
+    """Median seconds of `steps` training steps after `warmup`, the slowest rank's (the job's pace)."""
+    from mindspore import Tensor
+
+    from mindtron.parallel_core import comm
+
+    times = []
+    for step in range(warmup + steps):
+        comm.barrier()
+        t = timed(trainer.train_step, data)
+        if step >= warmup:
+            times.append(t)
+    if comm.get_world_size() == 1:
+        return median(times)
+    return float(comm.all_reduce(Tensor(np.array([median(times)], np.float32)), op="max").asnumpy()[0])
+
+
 def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
     """This process's measured fp32 matmul rate in FLOP/s: median of `repeats` MindSpore n x n x n matmuls."""
     import mindspore as ms

@@ -41,8 +41,6 @@ _WORKER_ENV = "MINDTRON_BENCH_LAYOUT_WORKER"
 
 def worker(args) -> None:
     """One layout on this process (and its msrun peers); the last rank prints the result line."""
-    import numpy as np
-    from mindspore import Tensor
     from mindtron.parallel_core import comm
     from mindtron.parallel_core import parallel_state as ps
     from mindtron.parallel_core.runtime import init_runtime
@@ -58,15 +56,7 @@ def worker(args) -> None:
     config = common.all_config(args, micro_batches=micro_batches, tp=tp, pp=pp)
     trainer = common.build_mindtron_trainer(config)
     data = common.synthetic_text(args.micro_batch, args.seq, args.vocab, args.seed + ps.get_data_parallel_rank())
-    times = []
-    for step in range(args.warmup + args.steps):
-        comm.barrier()
-        t = common.timed(trainer.train_step, data)
-        if step >= args.warmup:
-            times.append(t)
-    step_s = common.median(times)
-    if world > 1:  # the job moves at the pace of its slowest rank
-        step_s = float(comm.all_reduce(Tensor(np.array([step_s], np.float32)), op="max").asnumpy()[0])
+    step_s = common.slowest_rank_median_step(trainer, data, args.warmup, args.steps)
     if comm.get_rank() == world - 1:
         tokens = config.training_config.global_batch_size * args.seq
         print(_MARK + json.dumps({"layout": args.worker, "step_ms": step_s * 1000, "tokens_per_s": tokens / step_s,

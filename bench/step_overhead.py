@@ -42,23 +42,10 @@ def main(argv=None) -> float:
     plain.model.set_train(True)
     plain_data = common.synthetic_text(args.micro_batch, args.seq, args.vocab, args.seed)
 
-    params = sum(int(p.size) for p in trainer.params)
-    jit = "on" if getattr(config.model_config, "jit_layers", False) else "off"
-    print(f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
-          f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32, dropout {args.dropout}, "
-          f"{params / 1e6:.2f}M parameters; mindtron jit_layers {jit}")
-    times = {"mindtron": [], "plain": []}
-    losses = {"mindtron": [], "plain": []}
-    for step in range(args.warmup + args.steps):
-        # alternate which side goes first, so neither always runs right after the other's allocations
-        order = ("mindtron", "plain") if step % 2 == 0 else ("plain", "mindtron")
-        for side in order:
-            if side == "mindtron":
-                t = common.timed(lambda: losses[side].append(trainer.train_step(mindtron_data).loss))
-            else:
-                t = common.timed(lambda: losses[side].append(plain.train_step(next(plain_data)["text"])))
-            if step >= args.warmup:
-                times[side].append(t)
+    print(common.describe_model(args, trainer, config))
+    times, losses = common.alternate_steps({"mindtron": lambda: trainer.train_step(mindtron_data).loss,
+                                            "plain": lambda: plain.train_step(next(plain_data)["text"])},
+                                           args.warmup, args.steps)
     for side in ("plain", "mindtron"):
         ms_list = " ".join(f"{t * 1000:.0f}" for t in times[side])
         print(f"{side:9s} median step {common.median(times[side]) * 1000:9.1f} ms   "

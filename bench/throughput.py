@@ -67,14 +67,7 @@ def main(argv=None) -> dict:
     data = common.synthetic_text(args.micro_batch, args.seq, args.vocab,
                                  args.seed + ps.get_data_parallel_rank())
 
-    times = []
-    for step in range(args.warmup + args.steps):
-        comm.barrier()
-        t = common.timed(trainer.train_step, data)
-        if step >= args.warmup:
-            times.append(t)
-    # every rank's worst step: the job moves at the pace of its slowest rank
-    step_s = float(comm.all_reduce(Tensor(np.array([common.median(times)], np.float32)), op="max").asnumpy()[0])
+    step_s = common.slowest_rank_median_step(trainer, data, args.warmup, args.steps)
 
     comm.barrier()
     rates = np.array([common.matmul_rate(), numpy_matmul_rate()], np.float32)

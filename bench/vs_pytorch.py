@@ -132,23 +132,11 @@ def main(argv=None):
     reference.model.train()
     torch_data = common.synthetic_text(args.micro_batch, args.seq, args.vocab, args.seed)
 
-    params = sum(int(p.size) for p in trainer.params)
-    jit = "on" if getattr(config.model_config, "jit_layers", False) else "off"
-    print(f"model: vocab {args.vocab}, hidden {args.hidden}, heads {args.heads}, layers {args.layers}, "
-          f"ffn {args.ffn}, seq {args.seq}, micro batch {args.micro_batch}, fp32, dropout {args.dropout}, "
-          f"{params / 1e6:.2f}M parameters; mindtron jit_layers {jit}; PyTorch {torch.__version__} "
+    print(f"{common.describe_model(args, trainer, config)}; PyTorch {torch.__version__} "
           f"({torch.get_num_threads()} threads, attention {'sdpa' if args.torch_sdpa else 'matmul + softmax'})")
-    times = {"mindtron": [], "pytorch": []}
-    losses = {"mindtron": [], "pytorch": []}
-    for step in range(args.warmup + args.steps):
-        order = ("mindtron", "pytorch") if step % 2 == 0 else ("pytorch", "mindtron")
-        for side in order:
-            if side == "mindtron":
-                t = common.timed(lambda: losses[side].append(trainer.train_step(mindtron_data).loss))
-            else:
-                t = common.timed(lambda: losses[side].append(reference.train_step(next(torch_data)["text"])))
-            if step >= args.warmup:
-                times[side].append(t)
+    times, losses = common.alternate_steps({"mindtron": lambda: trainer.train_step(mindtron_data).loss,
+                                            "pytorch": lambda: reference.train_step(next(torch_data)["text"])},
+                                           args.warmup, args.steps)
     tokens = args.micro_batch * args.seq
     rate = {}
     for side in ("pytorch", "mindtron"):
