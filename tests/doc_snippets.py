@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
+
+from multiproc import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNABLE = {"bash", "sh", "python"}
@@ -121,12 +122,6 @@ def marking_errors(blocks: Iterable[Block]) -> List[str]:
             if b.lang != "python" or not b.options["ranks"].isdigit() or int(b.options["ranks"]) < 1:
                 errors.append(f"{b.where()}: ranks= takes a positive integer, on python blocks only")
     return errors
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_scratch(base: Optional[Path] = None) -> Path:

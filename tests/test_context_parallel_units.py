@@ -146,6 +146,8 @@ def test_comm_types_per_layer_and_document_002_names():
     (dict(cp=4, cp_comm_type=["a2a+p2p"], hierarchical_sizes=[2, 3]),
      r"--hierarchical-context-parallel-sizes \[2, 3\] must be two sizes .* product is --context-parallel-size 4"),
     (dict(cp=4, ulysses_degree_in_cp=3), r"--ulysses-degree-in-cp 3 must divide --context-parallel-size 4"),
+    (dict(seq_length=40, cp=4, tp=4, sequence_parallel=True),
+     r"--seq-length 40 / --context-parallel-size 4 = 10 .* --tensor-model-parallel-size 4 under --sequence-parallel"),
 ])
 def test_invalid_layouts_fail_naming_the_flag(kwargs, message):
     args = dict(cp=2, tp=1, seq_length=32, num_attention_heads=8, num_query_groups=8, num_layers=2)
@@ -169,6 +171,9 @@ def test_command_line_flags_reach_the_model_config_and_fail_early(monkeypatch):
     with pytest.raises(ValueError, match="--num-attention-heads 4 is not divisible by the Ulysses degree 2"):
         parse_args(args=BASE + ["--context-parallel-size", "2", "--cp-comm-type", "a2a",
                                 "--tensor-model-parallel-size", "4"], world_size=8)
+    with pytest.raises(ValueError, match="positions per context rank must be divisible by --tensor-model-parallel"):
+        parse_args(args=BASE + ["--seq-length", "40", "--context-parallel-size", "4", "--tensor-model-parallel-size",
+                                "4", "--sequence-parallel"], world_size=16)
 
 
 def test_document_002_yaml_selects_the_hybrid(tmp_path, monkeypatch):

@@ -240,6 +240,9 @@ class ParallelAttention(nn.Cell):
             from mindtron.parallel_core.context_parallel import ContextParallelAttention
             self.cp_attention = ContextParallelAttention(config, layer_number, config.layer_cp_comm_type(layer_number),
                                                          self.heads_l, self.groups_l)
+            if config.use_flash_attention and layer_number == 1:
+                logger.warning("--use-flash-attn with --context-parallel-size > 1: the context-parallel attention "
+                               "runs on plain ops (online-softmax blocks), not the flash-attention kernel")
         self.use_flash = self.cp_attention is None and use_fused(
             "flash_attention", config.use_flash_attention and config.softmax_type == "vanilla")
         self.core_attention = (FlashAttention(config, self.heads_l, layer_number) if self.use_flash

@@ -11,7 +11,6 @@ global batch.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -457,7 +456,8 @@ def check_context_parallel(all_config: AllConfig) -> None:
         m.ulysses_degree_in_cp = p.ulysses_degree_in_cp
     validate_context_parallel(p.context_parallel_size, p.tensor_model_parallel_size, m.seq_length,
                               m.num_attention_heads, m.num_query_groups, m.num_layers, m.cp_comm_type,
-                              m.context_parallel_algo, m.hierarchical_context_parallel_sizes, m.ulysses_degree_in_cp)
+                              m.context_parallel_algo, m.hierarchical_context_parallel_sizes, m.ulysses_degree_in_cp,
+                              m.sequence_parallel)
 
 
 def build_train_valid_test_data_loaders(all_config: AllConfig, train_valid_test_datasets_provider: Callable,

@@ -193,7 +193,7 @@ def _validate_context_parallel(args, user) -> None:
     validate_context_parallel(args.context_parallel_size, args.tensor_model_parallel_size, args.seq_length,
                               args.num_attention_heads, groups, args.num_layers, args.cp_comm_type,
                               args.context_parallel_algo, args.hierarchical_context_parallel_sizes,
-                              args.ulysses_degree_in_cp)
+                              args.ulysses_degree_in_cp, args.sequence_parallel)
 
 
 def _validate_batch(args: argparse.Namespace, user: set) -> None:

@@ -60,7 +60,8 @@ def validate_context_parallel(cp: int, tp: int, seq_length: int, num_attention_h
                               num_query_groups: Optional[int], num_layers: int,
                               cp_comm_type: Optional[Sequence[str]] = None, context_parallel_algo: str = "ring",
                               hierarchical_sizes: Optional[Sequence[int]] = None,
-                              ulysses_degree_in_cp: Optional[int] = None) -> List[str]:
+                              ulysses_degree_in_cp: Optional[int] = None,
+                              sequence_parallel: bool = False) -> List[str]:
     """Raise ValueError naming the flag to change if the context-parallel settings cannot run; return the
     comm type of every layer. Call before building process groups."""
     if cp < 1:
@@ -71,6 +72,10 @@ def validate_context_parallel(cp: int, tp: int, seq_length: int, num_attention_h
     if seq_length % (2 * cp):
         raise ValueError(f"--seq-length {seq_length} must be a multiple of 2 x --context-parallel-size "
                          f"({2 * cp}): each context rank holds two of 2 x cp chunks (causal load balancing)")
+    if sequence_parallel and (seq_length // cp) % tp:
+        raise ValueError(f"--seq-length {seq_length} / --context-parallel-size {cp} = {seq_length // cp} positions per "
+                         f"context rank must be divisible by --tensor-model-parallel-size {tp} under "
+                         "--sequence-parallel")
     groups = num_query_groups or num_attention_heads
     if hierarchical_sizes:
         sizes = [int(s) for s in hierarchical_sizes]

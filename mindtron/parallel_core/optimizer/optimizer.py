@@ -159,7 +159,6 @@ class MegatronAdamW(_MegatronOrder, AdamW):
         AdamW.__init__(self, param_groups, lr=lrs[0], betas=tuple(float(b) for b in betas), eps=float(eps),
                        weight_decay=0.0)
         self._setup_order(user_params, lrs)
-        self._betas, self._eps = tuple(float(b) for b in betas), float(eps)
         self.fused = fused and all(p.dtype == ms.float32 for p in self.parameters)
         self._fused_op = ops.AdamWeightDecay()
 
