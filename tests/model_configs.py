@@ -1,8 +1,10 @@
 """Tiny model configurations shared by the single-process and multi-rank GPTModel tests."""
 from mindtron.legacy_model import TransformerConfig
 
+# Eager layers (jit_layers=False): the tests build many short-lived models, and compiling each costs more
+# than it saves; tests/test_jit_layers.py covers compiled == eager.
 COMMON = dict(vocab_size=128, hidden_size=32, seq_length=16, num_layers=2, attention_dropout_rate=0.0,
-              hidden_dropout_rate=0.0, init_method_std=0.05)
+              hidden_dropout_rate=0.0, init_method_std=0.05, jit_layers=False)
 
 CONFIGS = {
     # GPT-2: LayerNorm, (bias-)GeLU, learned positions, tied embeddings, biases.

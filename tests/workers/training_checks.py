@@ -20,7 +20,10 @@ def make_config(tp=1, sp=False, steps=10, pp=1, vpp=None, num_layer_list=None, o
                                         num_attention_heads=4, attention_dropout_rate=0.0, hidden_dropout_rate=0.0,
                                         sequence_parallel=sp, normalization="RMSNorm", hidden_act="swiglu",
                                         ffn_hidden_size=64, position_embedding_type="rope",
-                                        num_layer_list=num_layer_list), **(model_options or {})})
+                                        num_layer_list=num_layer_list,
+                                        # eager layers: the tests build many short-lived models, and compiling
+                                        # each costs more than it saves; test_jit_layers covers compiled == eager
+                                        jit_layers=False), **(model_options or {})})
     return AllConfig(
         model_config=model,
         training_config=TrainingConfig(**{"seed": SEED, "training_iters": steps, "micro_batch_size": 2,
