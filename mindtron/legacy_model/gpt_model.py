@@ -103,7 +103,8 @@ class GPTModel(nn.Cell):
         validate_context_parallel(ps.get_context_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
                                   config.seq_length, config.num_attention_heads, config.num_query_groups,
                                   config.num_layers, config.cp_comm_type, config.context_parallel_algo,
-                                  config.hierarchical_context_parallel_sizes, config.ulysses_degree_in_cp)
+                                  config.hierarchical_context_parallel_sizes, config.ulysses_degree_in_cp,
+                                  config.sequence_parallel)
         self.config = config
         self.parallel_output = parallel_output
         self.pre_process, self.post_process = pre_process, post_process
