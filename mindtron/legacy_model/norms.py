@@ -14,6 +14,35 @@ import mindspore as ms
 
 from mindtron.legacy_model.fused import use_fused
 from mindtron.parallel_core.tensor_parallel import constant_init_method, replicated_parameter
+from mindtron.parallel_core.tensor_parallel.utils import expand_last
+
+
+class _LayerNormRows(nn.Cell):
+    """MindSpore's LayerNorm kernel on x [N, h] (fp32), with its gradient written out on same-shape tensors.
+
+    MindSpore 2.10's CPU LayerNormGrad takes ~20 ms on [2048, 512], where the same maths as ~15 same-shape
+    ops takes ~8 ms: with xhat = (x - mean) * rstd and g = dy * weight,
+    dx = rstd * (g - mean_h(g) - xhat * mean_h(g * xhat)), dweight = sum_N(dy * xhat), dbias = sum_N(dy).
+    """
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x, weight, bias):
+        return self.layer_norm(x, weight, bias)  # (y, mean [N, 1], variance [N, 1])
+
+    def bprop(self, x, weight, bias, out, dout):
+        n, h = x.shape
+        dy = dout[0]
+        rstd = expand_last(ops.rsqrt(out[2] + self.eps), h)
+        xhat = (x - expand_last(out[1], h)) * rstd
+        g = dy * ops.matmul(ops.ones((n, 1), dy.dtype), weight.reshape(1, h))
+        g_mean = expand_last(g.mean(-1, keep_dims=True), h)
+        gx_mean = expand_last((g * xhat).mean(-1, keep_dims=True), h)
+        dx = (g - g_mean - xhat * gx_mean) * rstd
+        return dx, (dy * xhat).sum(0), dy.sum(0)
 
 
 class LayerNorm(nn.Cell):
@@ -27,15 +56,14 @@ class LayerNorm(nn.Cell):
                                            params_dtype, sequence_parallel)
         self.bias = replicated_parameter((hidden_size,), constant_init_method(0.0), params_dtype,
                                          sequence_parallel)
-        # MindSpore's LayerNorm kernel (what nn.LayerNorm runs), with our own parameter names.
-        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.layer_norm = _LayerNormRows(eps)
 
     def construct(self, x):
         weight = self.weight.astype(ms.float32)
         if self.gamma_offset:
             weight = weight + self.gamma_offset
-        y, _, _ = self.layer_norm(x.astype(ms.float32), weight, self.bias.astype(ms.float32))
-        return y.astype(x.dtype)
+        y = self.layer_norm(x.astype(ms.float32).reshape(-1, x.shape[-1]), weight, self.bias.astype(ms.float32))[0]
+        return y.reshape(x.shape).astype(x.dtype)
 
 
 class RMSNorm(nn.Cell):

@@ -23,12 +23,15 @@ def vocab_range(global_vocab_size: int, rank: int, world_size: int) -> Tuple[int
 
 
 def expand_last(x: Tensor, n: int) -> Tensor:
-    """x [..., 1] (or [N]) repeated to [..., n] (or [N, n]) as a materialised tensor.
+    """x [..., 1] (or [N]), a float tensor, repeated to [..., n] (or [N, n]) as a materialised tensor.
 
     On CPU, MindSpore 2.10's elementwise ops are 20-30x slower when one operand is broadcast (a
-    [2048, 8192] x [2048, 1] multiply takes ~180 ms, the same-shape multiply ~6 ms, the Tile ~4 ms), so
-    hot paths tile the small operand first and then combine same-shape tensors.
+    [2048, 8192] x [2048, 1] multiply takes ~180 ms, the same-shape multiply ~6 ms), so hot paths repeat
+    the small operand first and then combine same-shape tensors. The repeat is an outer product with ones
+    (exact, as fast as Tile): MindSpore 2.10 fails to compile a graph ("func_graph->get_return() is null")
+    where a custom bprop holding a Tile meets another custom-bprop cell, and the softmax and layer-norm
+    bprops use this helper inside compiled layers.
     """
     if x.ndim == 1:
         x = x.reshape(-1, 1)
-    return ops.tile(x, (1,) * (x.ndim - 1) + (n,))
+    return ops.matmul(x, ops.ones((1, n), x.dtype))
