@@ -19,8 +19,9 @@ def _fp16_tolerance(name):
 
 
 def _required(groups):
-    return [f"{mode}/{g}/{op}" for mode in ("default", "fallback") for g in groups for op in OPS] + \
-        ["exchange/one_way", "exchange/both_ways"]
+    return [f"{mode}/{name}" for mode in ("default", "fallback") for name in
+            [f"{g}/{op}" for g in groups for op in OPS] +
+            ["exchange/one_way", "exchange/both_ways", "exchange/both_ways_equal"]]
 
 
 def test_collectives_on_2_ranks(foundation_2):

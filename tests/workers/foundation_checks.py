@@ -4,6 +4,8 @@
 relative error seen (0.0 for exact agreement); the pytest modules assert on them. Every expected value is
 computed locally from data each rank can regenerate for every other rank.
 """
+import os
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
@@ -79,8 +81,9 @@ def comm_checks(group: comm.ProcessGroup, tag: str) -> dict:
     return out
 
 
-def exchange_checks() -> dict:
-    """Neighbours (0,1), (2,3), ... swap tensors of different shapes; then a one-way send 1 -> 0."""
+def exchange_checks(mode: str) -> dict:
+    """Neighbours (0,1), (2,3), ... swap tensors of different shapes, then of equal shapes; then a one-way send
+    1 -> 0."""
     out = {}
     me, world = comm.get_rank(), comm.get_world_size()
     peer = me ^ 1
@@ -88,13 +91,16 @@ def exchange_checks() -> dict:
         return out
     shape = {r: (2 + r % 2, 3) for r in (me, peer)}
     got = comm.exchange(Tensor(data(me, shape[me], salt=4)), peer, shape[peer])
-    out["exchange/both_ways"] = rel_err(got.asnumpy(), data(peer, shape[peer], salt=4))
+    out[f"{mode}/exchange/both_ways"] = rel_err(got.asnumpy(), data(peer, shape[peer], salt=4))
+    # equal sizes: a native all-gather where the pair is the whole world (2 ranks), else the two-slot sum
+    got = comm.exchange(Tensor(data(me, (4, 3), salt=6)), peer, (4, 3))
+    out[f"{mode}/exchange/both_ways_equal"] = rel_err(got.asnumpy(), data(peer, (4, 3), salt=6))
     low, high = min(me, peer), max(me, peer)
     if me == low:
         got = comm.exchange(None, high, (5,))
-        out["exchange/one_way"] = rel_err(got.asnumpy(), data(high, (5,), salt=5))
+        out[f"{mode}/exchange/one_way"] = rel_err(got.asnumpy(), data(high, (5,), salt=5))
     else:
-        out["exchange/one_way"] = 0.0 if comm.exchange(Tensor(data(me, (5,), salt=5)), low) is None else 1.0
+        out[f"{mode}/exchange/one_way"] = 0.0 if comm.exchange(Tensor(data(me, (5,), salt=5)), low) is None else 1.0
     return out
 
 
@@ -107,12 +113,12 @@ def all_comm_checks() -> dict:
     results = {}
     for mode in ("default", "fallback"):  # fallback: every op through the all-reduce constructions
         comm.capabilities.cache_clear()
-        import os
         os.environ["MINDTRON_COMM_FALLBACK"] = "1" if mode == "fallback" else "0"
         for name, group in groups.items():
             results.update(comm_checks(group, f"{mode}/{name}"))
+        results.update(exchange_checks(mode))
     comm.capabilities.cache_clear()
-    results.update(exchange_checks())
+    os.environ["MINDTRON_COMM_FALLBACK"] = "0"
     return results
 
 
