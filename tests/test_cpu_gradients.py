@@ -1,9 +1,9 @@
 """The gradients mindtron writes out for speed on CPU equal MindSpore's own kernels' gradients.
 
-LayerNorm and the attention softmax carry custom bprops (MindSpore 2.10's CPU gradient kernels for them are
-2-3x slower than the same maths as same-shape ops); each is checked against autodiff of MindSpore's plain
-op, eagerly and inside one compiled graph holding both (MindSpore fails to compile some bprop combinations,
-see tensor_parallel.utils.expand_last).
+LayerNorm, the tanh GeLU and the attention softmax carry custom bprops (MindSpore 2.10's CPU gradient kernels
+for them, or autodiff of their ops, are about 2x slower than the written-out maths); each is checked against
+autodiff of MindSpore's plain ops, eagerly and inside one compiled graph holding all of them (MindSpore fails
+to compile some bprop combinations, see tensor_parallel.utils.expand_last).
 """
 import numpy as np
 import pytest
@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindtron.legacy_model.attention import Softmax
+from mindtron.legacy_model.mlp import GeluTanh
 from mindtron.legacy_model.norms import LayerNorm
 
 from mindtron.parallel_core.tensor_parallel.layers import add_bias
@@ -26,18 +27,19 @@ def _close(actual, expected, rtol=1e-5):
 
 
 class _Fast(nn.Cell):
-    """LayerNorm -> + bias -> softmax, mindtron's cells."""
+    """LayerNorm -> + bias -> tanh GeLU -> softmax, mindtron's cells."""
 
     def __init__(self, h, compiled):
         super().__init__()
         self.norm = LayerNorm(h)
         self.bias = ms.Parameter(Tensor(RNG.standard_normal(h).astype(np.float32)), name="bias")
+        self.gelu = GeluTanh()
         self.softmax = Softmax()
         if compiled:
             self._f = ms.jit(self._f)
 
     def _f(self, x):
-        return self.softmax(add_bias(self.norm(x), self.bias))
+        return self.softmax(self.gelu(add_bias(self.norm(x), self.bias)))
 
     def construct(self, x):
         return self._f(x)
@@ -55,7 +57,9 @@ class _Plain(nn.Cell):
         f = self.fast
         h = x.shape[-1]
         y = self.layer_norm(x.reshape(-1, h), f.norm.weight, f.norm.bias)[0].reshape(x.shape)
-        return ops.softmax(ops.bias_add(y.reshape(-1, h), f.bias).reshape(x.shape), -1)
+        y = ops.bias_add(y.reshape(-1, h), f.bias).reshape(x.shape)
+        y = y * 0.5 * (1.0 + ops.tanh(0.79788456 * y * (1.0 + 0.044715 * y * y)))
+        return ops.softmax(y, -1)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
