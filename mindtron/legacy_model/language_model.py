@@ -47,17 +47,13 @@ class Embedding(nn.Cell):
         self.output_dtype = ms.float32 if config.fp32_residual_connection else config.dtype("compute_dtype")
         self.sequence_parallel = config.sequence_parallel
         self.dropout_p = config.hidden_dropout_rate
-        self.seq_length = config.seq_length
-        self.context_parallel = ps.get_context_parallel_world_size() > 1
 
     def construct(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                   tokentype_ids: Optional[Tensor] = None) -> Tensor:
         embeddings = self.word_embeddings(input_ids)  # [b, s, h]
         if self.learned_positions:
-            if position_ids is None:  # under context parallelism the true positions of this rank's tokens
-                positions = Tensor(this_rank_positions(self.seq_length)) if self.context_parallel else \
-                    ops.arange(input_ids.shape[1], dtype=ms.int32)
-                position_ids = ops.broadcast_to(positions, input_ids.shape)
+            if position_ids is None:
+                position_ids = ops.broadcast_to(ops.arange(input_ids.shape[1], dtype=ms.int32), input_ids.shape)
             embeddings = embeddings + self.position_embeddings(position_ids).astype(embeddings.dtype)
         if tokentype_ids is not None:
             if self.num_tokentypes == 0:
@@ -101,6 +97,10 @@ class TransformerLanguageModel(nn.Cell):
 
     def construct(self, enc_input_ids: Optional[Tensor], enc_position_ids: Optional[Tensor],
                   enc_attn_mask: Optional[Tensor], tokentype_ids: Optional[Tensor] = None) -> Tensor:
+        # context parallel: learned position embeddings need the true positions of this rank's tokens
+        if (enc_position_ids is None and self.cp_positions is not None and self.pre_process
+                and self.embedding.learned_positions):
+            enc_position_ids = ops.broadcast_to(self.cp_positions, enc_input_ids.shape)
         hidden = self.embedding(enc_input_ids, enc_position_ids, tokentype_ids) if self.pre_process else None
         rotary = self.rotary_pos_emb(self.config.seq_length) if self.use_rotary else None
         if rotary is not None and self.cp_positions is not None:  # the rows of this rank's positions

@@ -104,10 +104,11 @@ def cp_training_config(cp: int, comm_type=None, steps: int = STEPS, model_option
 
 # One check of every algorithm in the default run ------------------------------------------------------
 def quick_2() -> dict:
-    """2 ranks: ring, Ulysses and all-gather on the Llama-style model (RoPE, GQA, loss mask); a ring
-    training run."""
+    """2 ranks: ring, Ulysses and all-gather on the Llama-style model (RoPE, GQA, loss mask); ring on the
+    GPT-2 model (learned position embeddings: each rank's true positions); a ring training run."""
     out = {}
     out.update(model_check("llama/p2p2", "llama", 2, cp_comm_type=["p2p"]))
+    out.update(model_check("gpt2/p2p2/no_mask", "gpt2", 2, loss_mask=False, cp_comm_type=["p2p"]))
     out.update(model_check("llama/a2a2", "llama", 2, cp_comm_type=["a2a"]))
     out.update(model_check("llama/allgather2", "llama", 2, cp_comm_type=["allgather"]))
     out["train/p2p2"] = training_run(2, "p2p")
@@ -129,12 +130,13 @@ def quick_4() -> dict:
 
 # The exhaustive matrix (slow) ---------------------------------------------------------------------------
 def full_2() -> dict:
-    """Learned positions without a loss mask, sliding windows and sinks, layer scaling, gated attention with
+    """Learned positions without a loss mask (Ulysses, all-gather), sliding windows and sinks, layer scaling, gated attention with
     QK norms, per-document masks, one type per layer, document 002's algorithm names; training with
     Ulysses, all-gather, recompute, jit_layers and an MoE model (names under train/moe/)."""
     out = {}
     for kind in ("p2p", "a2a", "allgather"):
-        out.update(model_check(f"gpt2/{kind}2/no_mask", "gpt2", 2, loss_mask=False, cp_comm_type=[kind]))
+        if kind != "p2p":  # gpt2/p2p2/no_mask runs in the default launch (quick_2)
+            out.update(model_check(f"gpt2/{kind}2/no_mask", "gpt2", 2, loss_mask=False, cp_comm_type=[kind]))
         out.update(model_check(f"gptoss/{kind}2", "gptoss", 2, cp_comm_type=[kind]))
         out.update(model_check(f"llama/{kind}2/eod", "llama", 2, eod_masks=True, cp_comm_type=[kind]))
     out.update(model_check("options/p2p2", "options", 2, num_attention_heads=4, cp_comm_type=["p2p"]))
