@@ -31,9 +31,9 @@ from mindtron.legacy_model.norms import L2Norm, build_norm
 from mindtron.legacy_model.rotary import rotary_settings, rotate
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
+from mindtron.parallel_core.context_parallel.attention import MASKED_SCORE
 from mindtron.parallel_core.tensor_parallel.utils import divide, expand_last
 
-MASKED_SCORE = -10000.0
 logger = logging.getLogger("mindtron")
 _noticed: set = set()  # one-time notices
 

@@ -38,7 +38,7 @@ from mindtron.parallel_core.context_parallel.batch import chunk_positions, rank_
 from mindtron.parallel_core.context_parallel.collectives import GatherSeq, HeadsToSeq, RingShift, SeqToHeads
 from mindtron.parallel_core.context_parallel.settings import ulysses_degree
 
-MASKED_SCORE = -10000.0
+MASKED_SCORE = -10000.0  # Megatron's legacy masked score; also the single-process CoreAttention's
 
 
 def block_plan(q_chunk: int, k_chunks: List[int], chunk_len: int, window=None) -> Tuple[List[int], Optional[np.ndarray]]:
