@@ -3,7 +3,8 @@
 LayerNorm, the tanh GeLU and the attention softmax carry custom bprops (MindSpore 2.10's CPU gradient kernels
 for them, or autodiff of their ops, are about 2x slower than the written-out maths); each is checked against
 autodiff of MindSpore's plain ops, eagerly and inside one compiled graph holding all of them (MindSpore fails
-to compile some bprop combinations, see tensor_parallel.utils.expand_last).
+to compile some bprop combinations, see tensor_parallel.utils.expand_last). These are the forms the layers
+use where mindtron's fused CPU kernels (tests/test_cpu_kernels.py) are not built or are switched off.
 """
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from mindspore import Tensor, nn, ops
 
 from mindtron.legacy_model.attention import Softmax
 from mindtron.legacy_model.mlp import GeluTanh
-from mindtron.legacy_model.norms import LayerNorm
+from mindtron.legacy_model.norms import LayerNorm, _LayerNormRows
 
 from mindtron.parallel_core.tensor_parallel.layers import add_bias
 from mindtron.parallel_core.tensor_parallel.utils import expand_last
@@ -32,6 +33,7 @@ class _Fast(nn.Cell):
     def __init__(self, h, compiled):
         super().__init__()
         self.norm = LayerNorm(h)
+        self.norm.layer_norm = _LayerNormRows(1e-5)  # the form used where the fused CPU kernels are not built
         self.bias = ms.Parameter(Tensor(RNG.standard_normal(h).astype(np.float32)), name="bias")
         self.gelu = GeluTanh()
         self.softmax = Softmax()
@@ -82,11 +84,14 @@ def test_written_out_gradients_equal_mindspores_kernels(compiled):
         _close(g.asnumpy(), w.asnumpy())
 
 
-def test_layer_norm_gradient_matches_float64_maths():
+@pytest.mark.parametrize("fused", [True, False], ids=["default", "mindspore-kernel"])
+def test_layer_norm_gradient_matches_float64_maths(fused):
     n, h, eps = 5, 8, 1e-5
     x = RNG.standard_normal((n, h)) * 3.0 + 1.0
     w, bias, dy = RNG.standard_normal(h), RNG.standard_normal(h), RNG.standard_normal((n, h))
     norm = LayerNorm(h, eps=eps)
+    if not fused:
+        norm.layer_norm = _LayerNormRows(eps)
     norm.weight.set_data(Tensor(w.astype(np.float32)))
     norm.bias.set_data(Tensor(bias.astype(np.float32)))
     grads = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)(norm, norm.trainable_params())(

@@ -29,6 +29,7 @@ from mindspore import Tensor, nn, ops
 from mindtron.legacy_model.fused import use_fused
 from mindtron.legacy_model.norms import L2Norm, build_norm
 from mindtron.legacy_model.rotary import rotary_settings, rotate
+from mindtron.parallel_core import cpu_kernels
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.context_parallel.attention import MASKED_SCORE
@@ -122,6 +123,12 @@ class CoreAttention(nn.Cell):
             self.softmax_offset = Tensor(np.zeros(heads_l, np.float32))
         else:
             self.softmax_offset = None
+        # scale, mask and softmax in one pass: the fused CPU kernel where it is built (fp32 on CPU), for the
+        # plain softmax without query-key layer scaling
+        self.fused_softmax = None
+        if (self.coeff is None and self.softmax_offset is None and attn_mask_type != AttnMaskType.no_mask
+                and cpu_kernels.enabled(config.dtype("compute_dtype"))):
+            self.fused_softmax = cpu_kernels.MaskedSoftmax(1.0 / self.norm_factor)
 
     def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                   dropout_mask: Optional[Tensor] = None) -> Tensor:
@@ -137,17 +144,20 @@ class CoreAttention(nn.Cell):
         q = ops.transpose(query, (1, 2, 0, 3))  # [b, np_l, s, hn]
         k = ops.transpose(key, (1, 2, 0, 3))
         v = ops.transpose(value, (1, 2, 0, 3))
-        scores = self.batch_matmul_t(q, k) * (1.0 / self.norm_factor)  # [b, np_l, s, s]
-        if self.softmax_in_fp32:
-            scores = scores.astype(ms.float32)
-        if self.coeff is not None:
-            scores = scores * self.coeff
         mask = attention_mask
         if mask is None and self.attn_mask_type == AttnMaskType.causal:
             mask = causal_mask(s)
         if self.window_mask is not None:
             window = self.window_mask[:, :, :s, :s]
             mask = window if mask is None else ops.logical_or(mask, window)
+        if self.fused_softmax is not None and mask is not None and mask.ndim == 4:
+            probs = self.fused_softmax(self.batch_matmul_t(q, k), mask)  # the mask broadcast in the kernel
+            return self._attend(probs, v, dropout_mask)
+        scores = self.batch_matmul_t(q, k) * (1.0 / self.norm_factor)  # [b, np_l, s, s]
+        if self.softmax_in_fp32:
+            scores = scores.astype(ms.float32)
+        if self.coeff is not None:
+            scores = scores * self.coeff
         if mask is not None and self.attn_mask_type != AttnMaskType.no_mask:
             # tiled to the scores' shape: masked_fill with a broadcast mask is ~15x slower on CPU, forward
             # and backward (Tile costs ~1 ms)
@@ -159,6 +169,11 @@ class CoreAttention(nn.Cell):
             # Megatron's SoftmaxOne: a sink column holding each head's offset joins the row, then is dropped
             sink = ops.tile(self.softmax_offset.astype(scores.dtype).reshape(1, n, 1, 1), (b, 1, s, 1))
             probs = self.softmax(ops.concat([scores, sink], -1))[..., :-1].astype(value.dtype)
+        return self._attend(probs, v, dropout_mask)
+
+    def _attend(self, probs, v, dropout_mask):
+        """Attention dropout, then probs [b, np_l, s, s] x v [b, np_l, s, hn] -> context [s, b, np_l hn]."""
+        b, n, s, hn = v.shape
         if dropout_mask is not None:
             probs = probs * dropout_mask.astype(probs.dtype)
         elif self.training and self.dropout_p > 0.0:

@@ -11,6 +11,7 @@ from typing import Optional
 from mindspore import Tensor, mint, nn, ops
 
 from mindtron.legacy_model.fused import use_fused
+from mindtron.parallel_core import cpu_kernels
 from mindtron.parallel_core import tensor_parallel as tp
 
 
@@ -53,12 +54,14 @@ def gated_unit(act, clamp=None, offset: float = 0.0):
 def activation_function(config):
     """The activation `config.hidden_act` names (Megatron's bias-GeLU fusion uses the tanh form)."""
     act = config.hidden_act
+    # the fused CPU kernel where it is built (fp32 on CPU), else the cell above: same maths
+    gelu_tanh = cpu_kernels.GeluTanh if cpu_kernels.enabled(config.dtype("compute_dtype")) else GeluTanh
     if act == "gelu":
         if config.bias_gelu_fusion and config.add_bias_linear:
-            return GeluTanh()
+            return gelu_tanh()
         return lambda x: ops.gelu(x, approximate="none")
     if act == "gelu_tanh":
-        return GeluTanh()
+        return gelu_tanh()
     if act == "quick_geglu":
         return gated_unit(quick_gelu, config.activation_func_clamp_value, config.glu_linear_offset)
     if act == "swiglu":

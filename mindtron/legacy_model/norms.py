@@ -13,6 +13,7 @@ from mindspore import nn, ops
 import mindspore as ms
 
 from mindtron.legacy_model.fused import use_fused
+from mindtron.parallel_core import cpu_kernels
 from mindtron.parallel_core.tensor_parallel import constant_init_method, replicated_parameter
 from mindtron.parallel_core.tensor_parallel.utils import expand_last
 
@@ -56,7 +57,8 @@ class LayerNorm(nn.Cell):
                                            params_dtype, sequence_parallel)
         self.bias = replicated_parameter((hidden_size,), constant_init_method(0.0), params_dtype,
                                          sequence_parallel)
-        self.layer_norm = _LayerNormRows(eps)
+        # (y, mean, 1/std or variance): the fused CPU kernel where it is built, else MindSpore's kernel
+        self.layer_norm = cpu_kernels.LayerNormRows(eps) if cpu_kernels.enabled() else _LayerNormRows(eps)
 
     def construct(self, x):
         weight = self.weight.astype(ms.float32)

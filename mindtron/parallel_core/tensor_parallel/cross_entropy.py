@@ -18,7 +18,7 @@ from typing import Optional
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from mindtron.parallel_core import comm
+from mindtron.parallel_core import comm, cpu_kernels
 from mindtron.parallel_core.comm import ProcessGroup
 from mindtron.parallel_core.tensor_parallel.mappings import _tp_group
 from mindtron.parallel_core.tensor_parallel.utils import expand_last
@@ -70,8 +70,8 @@ class _VocabParallelCrossEntropy(nn.Cell):
         local, outside = self._local_target(target.reshape(-1), vocab_local)
         smoothing = self.label_smoothing * vocab / (vocab - 1) if self.label_smoothing > 0 else 0.0
         hit = ops.one_hot(local, vocab_local, Tensor(1.0, p.dtype), Tensor(0.0, p.dtype))
-        if self.group.size > 1:  # targets held by another rank hit nothing here
-            hit = hit * expand_last(ops.logical_not(outside).astype(p.dtype), vocab_local)
+        # targets held by another rank, or outside the vocabulary, hit nothing here (as in the forward)
+        hit = hit * expand_last(ops.logical_not(outside).astype(p.dtype), vocab_local)
         grad = p - hit if not smoothing else p - (1.0 - smoothing) * hit - smoothing / vocab
         grad = grad * expand_last(dloss.reshape(-1), vocab_local)
         return grad.reshape(logits.shape), ops.zeros_like(target)
@@ -86,8 +86,15 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor, 
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label smoothing must be in [0, 1), got {label_smoothing}")
     group = _tp_group(group)
-    key = (group.ranks, float(label_smoothing))
+    vocab = vocab_parallel_logits.shape[-1]
+    # the whole vocabulary here (no tensor parallelism): one fused CPU kernel pass per row where it is built
+    fused = group.size == 1 and cpu_kernels.enabled(vocab_parallel_logits.dtype)
+    key = (group.ranks, float(label_smoothing), fused and vocab)
     cell = _cache.get(key)
     if cell is None:
-        cell = _cache[key] = _VocabParallelCrossEntropy(group, float(label_smoothing))
+        cell = _cache[key] = (cpu_kernels.CrossEntropy(float(label_smoothing), vocab) if fused
+                              else _VocabParallelCrossEntropy(group, float(label_smoothing)))
+    if fused:
+        rows = cell(vocab_parallel_logits.reshape(-1, vocab), target.astype(ms.int32).reshape(-1))[0]
+        return rows.reshape(target.shape)
     return cell(vocab_parallel_logits, target.astype(ms.int32))[0]

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from mindtron.parallel_core import cpu_kernels
 from mindtron.parallel_core.comm import ProcessGroup
 from mindtron.parallel_core.tensor_parallel import mappings
 from mindtron.parallel_core.tensor_parallel.initialization import (
@@ -80,13 +81,19 @@ class _Matmul(nn.Cell):
     def __init__(self, compute_dtype=None):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
+        # fp32: numpy's OpenBLAS through a CPU kernel where it is built, faster than MindSpore's MatMul there
+        self.blas = cpu_kernels.Matmul(transpose_b=True) if cpu_kernels.blas_enabled() else None
         self.compute_dtype = compute_dtype
 
     def construct(self, x, weight):
         if self.compute_dtype is not None:
             x, weight = x.astype(self.compute_dtype), weight.astype(self.compute_dtype)
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, x.shape[-1]), weight)
+        x = x.reshape(-1, x.shape[-1])
+        if self.blas is not None and x.dtype == ms.float32 and weight.dtype == ms.float32:
+            y = self.blas(x, weight)
+        else:
+            y = self.matmul(x, weight)
         return y.reshape(lead + (weight.shape[0],))
 
 

@@ -1,0 +1,218 @@
+"""Fused fp32 CPU kernels (kernels.cc), compiled with the machine's C++ compiler on first use.
+
+MindSpore's CPU kernels run one pass over the whole tensor per op, so the elementwise and row-wise parts of
+a transformer layer (tanh GeLU, the scaled masked softmax, LayerNorm, and their gradients) cost more than
+their arithmetic. The kernels here do each of them in one threaded pass per row, called through
+`ops.Custom(func_type="aot")` (which works in PyNative and inside `mindspore.jit`), each paired with its
+written-out gradient. The layers use them on CPU for fp32 tensors when `enabled()`; otherwise, and with
+MINDTRON_CPU_KERNELS=0, they compute the same maths with MindSpore's ops. tests/test_cpu_kernels.py checks
+each kernel and its gradient against MindSpore's ops.
+
+The library is built once per source, compiler and CPU into $MINDTRON_KERNEL_CACHE (default
+~/.cache/mindtron/kernels); a build that fails (no compiler, a glibc without vector tanhf) logs one warning
+and leaves the plain ops in place.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+logger = logging.getLogger("mindtron")
+
+SOURCE = Path(__file__).with_name("kernels.cc")
+# no -ffast-math: the kernels must pass NaN and inf through as MindSpore's ops do
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def numpy_blas() -> Optional[str]:
+    """The OpenBLAS library numpy's wheel ships (numpy.libs/libopenblas*.so), or None."""
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    found = sorted(libs.glob("libopenblas*.so*")) + sorted(libs.glob("libscipy_openblas*.so*"))
+    return str(found[0]) if found else None
+
+
+def _build(compiler: str) -> Path:
+    """Compile kernels.cc into the cache (atomically: concurrent workers may build it at once)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    blas = numpy_blas()
+    flags = FLAGS + ([f'-DMINDTRON_BLAS="{blas}"'] if blas else []) + ["-ldl"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature()])
+                         .encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MINDTRON_KERNEL_CACHE") or Path.home() / ".cache" / "mindtron" / "kernels")
+    target = cache / f"mindtron_kernels_{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *flags[:-1], str(SOURCE), "-o", tmp, flags[-1]], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip()[-2000:])
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        logger.info("compiled mindtron's CPU kernels into %s", target)
+    ctypes.CDLL(str(target))  # resolves every symbol now (libmvec's tanhf needs glibc 2.35)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[str]:
+    """Path of the compiled kernel library, or None when it is switched off or cannot be built here."""
+    if os.environ.get("MINDTRON_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    try:
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+        return str(_build(compiler))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("mindtron's fused CPU kernels are unavailable, using MindSpore's ops (slower): %s. "
+                       "Set MINDTRON_CPU_KERNELS=0 to skip them without this warning.", error)
+        return None
+
+
+def enabled(dtype=ms.float32) -> bool:
+    """Whether the fused kernels run for tensors of `dtype` here (CPU, fp32, library built)."""
+    return dtype == ms.float32 and ms.get_context("device_target") == "CPU" and library() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def blas_enabled(dtype=ms.float32) -> bool:
+    """Whether the matrix products run through numpy's OpenBLAS here (the kernels are enabled and it loaded)."""
+    return enabled(dtype) and bool(ctypes.CDLL(library()).BlasAvailable())
+
+
+def _kernel(name: str, out_shape, out_dtype):
+    return ops.Custom(f"{library()}:{name}", out_shape, out_dtype, func_type="aot")
+
+
+def _same(*shapes):
+    return shapes[0]
+
+
+def _scalar(value: float) -> Tensor:
+    return Tensor(np.array([value], np.float32))
+
+
+class GeluTanh(nn.Cell):
+    """GeLU's tanh form (Megatron's bias-GeLU constants) and its closed-form derivative, one pass each."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _kernel("GeluTanhForward", _same, _same)
+        self.backward = _kernel("GeluTanhBackward", _same, _same)
+
+    def construct(self, x):
+        return self.forward(x)
+
+    def bprop(self, x, out, dout):
+        return (self.backward(x, dout),)
+
+
+class MaskedSoftmax(nn.Cell):
+    """softmax(where(mask, -10000, scores * scale)) over the last axis: scores [B, N, Sq, Sk], mask (bool)
+    [B or 1, N or 1, Sq, Sk] broadcast inside the kernel. The gradient is zero where the mask is set."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = _scalar(scale)
+        self.forward = _kernel("MaskedSoftmaxForward", lambda s, m, c: s, lambda s, m, c: s)
+        self.backward = _kernel("MaskedSoftmaxBackward", lambda p, g, m, c: p, lambda p, g, m, c: p)
+
+    def construct(self, scores, mask):
+        return self.forward(scores, mask, self.scale)
+
+    def bprop(self, scores, mask, out, dout):
+        return self.backward(out, dout, mask, self.scale), ops.zeros_like(mask)
+
+
+class LayerNormRows(nn.Cell):
+    """LayerNorm over the rows of x [R, H] with weight and bias [H]: (y, mean [R], rstd [R])."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = _scalar(eps)
+        self.forward = _kernel("LayerNormForward", lambda x, w, b, e: (x, x[:1], x[:1]),
+                               lambda x, w, b, e: (x, x, x))
+        self.backward = _kernel("LayerNormBackward", lambda g, x, w, m, r: (x, w, w),
+                                lambda g, x, w, m, r: (x, x, x))
+
+    def construct(self, x, weight, bias):
+        return self.forward(x, weight, bias, self.eps)
+
+    def bprop(self, x, weight, bias, out, dout):
+        dx, dweight, dbias = self.backward(dout[0], x, weight, out[1], out[2])
+        return dx, dweight, dbias
+
+
+class CrossEntropy(nn.Cell):
+    """Per-row cross entropy of logits [R, V] against int32 targets [R] (a target outside [0, V) picks
+    nothing), with Megatron's label smoothing: (loss [R], row max [R], row sum of exp(z - max) [R])."""
+
+    def __init__(self, label_smoothing: float, vocab: int):
+        super().__init__()
+        smoothing = label_smoothing * vocab / (vocab - 1) if label_smoothing > 0 else 0.0
+        self.smoothing = _scalar(smoothing)
+        self.forward = _kernel("CrossEntropyForward", lambda z, t, s: (z[:1], z[:1], z[:1]),
+                               lambda z, t, s: (z, z, z))
+        self.backward = _kernel("CrossEntropyBackward", lambda z, t, m, e, g, s: z, lambda z, t, m, e, g, s: z)
+
+    def construct(self, logits, target):
+        return self.forward(logits, target, self.smoothing)
+
+    def bprop(self, logits, target, out, dout):
+        grad = self.backward(logits, target, out[1], out[2], dout[0], self.smoothing)
+        return grad, ops.zeros_like(target)
+
+
+def _product_shape(trans_a: bool, trans_b: bool):
+    def shape(a, b):
+        return list(a[:-2]) + [a[-1] if trans_a else a[-2], b[-2] if trans_b else b[-1]]
+    return shape
+
+
+class Matmul(nn.Cell):
+    """a @ b (or a @ b^T with `transpose_b`) over the last two dimensions, a and b with the same leading
+    (batch) dimensions, through numpy's OpenBLAS; the gradients are products of the same kind. Serves the
+    linear layers (x [N, I] @ w [O, I]^T) and the attention's batched products."""
+
+    def __init__(self, transpose_b: bool = False):
+        super().__init__()
+        self.transpose_b = transpose_b
+        self.nn = _kernel("MatmulNN", _product_shape(False, False), lambda a, b: a)
+        self.nt = _kernel("MatmulNT", _product_shape(False, True), lambda a, b: a)
+        self.tn = _kernel("MatmulTN", _product_shape(True, False), lambda a, b: a)
+
+    def construct(self, a, b):
+        return self.nt(a, b) if self.transpose_b else self.nn(a, b)
+
+    def bprop(self, a, b, out, dout):
+        if self.transpose_b:  # y = a b^T: da = dy b, db = dy^T a
+            return self.nn(dout, b), self.tn(dout, a)
+        return self.nt(dout, b), self.tn(a, dout)  # y = a b: da = dy b^T, db = a^T dy

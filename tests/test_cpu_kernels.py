@@ -1,0 +1,188 @@
+"""mindtron's fused CPU kernels (parallel_core/cpu_kernels) equal MindSpore's ops, forward and gradient.
+
+The softmax and the LayerNorm are compared with the same maths written with MindSpore's ops and
+differentiated by MindSpore, eagerly and inside one compiled graph, on shapes with odd sizes (rows not
+divisible by the thread count) and with masks broadcast over batch and heads; the LayerNorm also against
+float64 numpy. The GeLU is compared with float64 numpy: MindSpore 2.10's CPU tanh is off by up to 1e-4
+(the kernel's vector tanhf by 4e-7).
+"""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from mindtron.parallel_core import cpu_kernels
+
+RNG = np.random.default_rng(11)
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(), reason="fused CPU kernels could not be built here")
+
+
+def _close(actual, expected, rtol=2e-6):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(np.abs(expected).max(), 1e-12)
+    assert np.abs(actual - expected).max() <= rtol * scale, np.abs(actual - expected).max() / scale
+
+
+def _randn(*shape, scale=1.0):
+    return Tensor((RNG.standard_normal(shape) * scale).astype(np.float32))
+
+
+def _gelu64(x):
+    """float64 tanh GeLU and its derivative."""
+    c = np.sqrt(2.0 / np.pi)
+    t = np.tanh(c * x * (1.0 + 0.044715 * x * x))
+    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _plain_masked_softmax(scale):
+    def softmax(scores, mask):
+        mask = ops.broadcast_to(mask, scores.shape)
+        return ops.softmax(ops.masked_fill(scores * scale, mask, Tensor(-10000.0, ms.float32)), -1)
+    return softmax
+
+
+def _plain_layer_norm(eps):
+    def norm(x, w, b):
+        mean = x.mean(-1, keep_dims=True)
+        var = ((x - mean) ** 2).mean(-1, keep_dims=True)
+        return (x - mean) * ops.rsqrt(var + eps) * w + b
+    return norm
+
+
+def _value_and_grads(fn, args, diff, compiled):
+    """fn(*args) and the gradients of sum(fn(*args) * weights) w.r.t. the args at positions `diff`, with
+    the same pseudo-random weights for every fn called on these args."""
+    shape = fn(*args).shape
+    weights = Tensor(np.random.default_rng(3).standard_normal(shape).astype(np.float32))
+
+    def objective(*a):
+        return (fn(*a) * weights).sum()
+
+    grad = ms.grad(objective, grad_position=diff)
+    if compiled:
+        grad = ms.jit(grad)
+    grads = grad(*args)
+    return fn(*args), (grads if isinstance(grads, tuple) else (grads,))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gelu_tanh(compiled):
+    x = _randn(37, 129, scale=3.0)
+    dy = _randn(37, 129)
+    gelu = cpu_kernels.GeluTanh()
+
+    def objective(x, dy):
+        return (gelu(x) * dy).sum()
+
+    grad = ms.grad(objective)
+    if compiled:
+        grad = ms.jit(grad)
+    value, slope = _gelu64(x.asnumpy().astype(np.float64))
+    _close(gelu(x).asnumpy(), value)
+    _close(grad(x, dy).asnumpy(), slope * dy.asnumpy())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("mask_shape", [(1, 1), (3, 1), (1, 4), (3, 4)], ids=lambda s: f"mask{s[0]}x{s[1]}")
+def test_masked_softmax(compiled, mask_shape):
+    b, n, s = 3, 4, 19
+    scores = _randn(b, n, s, s, scale=4.0)
+    causal = np.triu(np.ones((s, s), bool), 1)
+    mask = np.broadcast_to(causal, mask_shape + (s, s)).copy()
+    mask[..., 5, :] = True  # a fully masked row: uniform probabilities, zero gradient
+    mask = mask | (RNG.random(mask.shape) < 0.2)
+    mask = Tensor(mask)
+    scale = 0.125
+    fused, fused_grads = _value_and_grads(cpu_kernels.MaskedSoftmax(scale), (scores, mask), 0, compiled)
+    plain, plain_grads = _value_and_grads(_plain_masked_softmax(scale), (scores, mask), 0, compiled)
+    _close(fused.asnumpy(), plain.asnumpy())
+    _close(fused_grads[0].asnumpy(), plain_grads[0].asnumpy())
+    assert np.all(fused_grads[0].asnumpy()[np.broadcast_to(mask.asnumpy(), scores.shape)] == 0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_layer_norm(compiled):
+    rows, h, eps = 67, 96, 1e-5
+    x = _randn(rows, h, scale=2.0) + 3.0
+    w, b = _randn(h), _randn(h)
+    fused_cell = cpu_kernels.LayerNormRows(eps)
+
+    def fused_fn(x, w, b):
+        return fused_cell(x, w, b)[0]
+
+    fused, fused_grads = _value_and_grads(fused_fn, (x, w, b), (0, 1, 2), compiled)
+    plain, plain_grads = _value_and_grads(_plain_layer_norm(eps), (x, w, b), (0, 1, 2), compiled)
+    _close(fused.asnumpy(), plain.asnumpy())
+    for got, want in zip(fused_grads, plain_grads):
+        _close(got.asnumpy(), want.asnumpy(), rtol=1e-5)
+    x64 = x.asnumpy().astype(np.float64)
+    expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
+    _close(fused.asnumpy(), expected * w.asnumpy() + b.asnumpy())
+    _, mean, rstd = fused_cell(x, w, b)
+    _close(mean.asnumpy(), x64.mean(-1))
+    _close(rstd.asnumpy(), 1.0 / np.sqrt(x64.var(-1) + eps))
+
+
+def test_nan_passes_through():
+    """No fast-math: a NaN in a row reaches that row's outputs, as with MindSpore's ops."""
+    x = _randn(4, 8)
+    x[1, 3] = float("nan")
+    assert np.isnan(cpu_kernels.GeluTanh()(x).asnumpy()[1, 3])
+    y = cpu_kernels.LayerNormRows(1e-5)(x, _randn(8), _randn(8))[0].asnumpy()
+    assert np.isnan(y[1]).all() and not np.isnan(y[[0, 2, 3]]).any()
+    scores = x.reshape(1, 1, 4, 8)
+    probs = cpu_kernels.MaskedSoftmax(1.0)(scores, Tensor(np.zeros((1, 1, 4, 8), bool))).asnumpy()
+    assert np.isnan(probs[0, 0, 1]).all() and not np.isnan(probs[0, 0, [0, 2, 3]]).any()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy(compiled, smoothing):
+    """Against the vocabulary-parallel cross entropy's plain form on one rank. A target outside the
+    vocabulary picks nothing, in the loss and in the gradient (Megatron's target mask)."""
+    from mindtron.parallel_core import parallel_state as ps
+    from mindtron.parallel_core.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy
+
+    ps.initialize_model_parallel()
+    try:
+        rows, vocab = 45, 203
+        logits = _randn(rows, vocab, scale=4.0)
+        target = RNG.integers(0, vocab, rows).astype(np.int32)
+        target[[3, 9]] = [-1, vocab]
+        target = Tensor(target)
+        fused_cell = cpu_kernels.CrossEntropy(smoothing, vocab)
+        plain_cell = _VocabParallelCrossEntropy(ps.get_tensor_model_parallel_group(), smoothing)
+
+        def fused(z, t):
+            return fused_cell(z, t)[0]
+
+        def plain(z, t):
+            return plain_cell(z, t)[0]
+
+        got, got_grads = _value_and_grads(fused, (logits, target), 0, compiled)
+        want, want_grads = _value_and_grads(plain, (logits, target), 0, False)  # (its collectives stay eager)
+        _close(got.asnumpy(), want.asnumpy())
+        _close(got_grads[0].asnumpy(), want_grads[0].asnumpy())
+    finally:
+        ps.destroy_model_parallel()
+
+
+@pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="numpy's OpenBLAS could not be loaded here")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("transpose_b", [False, True], ids=["ab", "abT"])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)], ids=lambda b: f"batch{len(b)}")
+def test_matmul(compiled, transpose_b, batch):
+    """Products through numpy's OpenBLAS and their gradients against MindSpore's (Batch)MatMul; the first
+    operand arrives transposed (as the attention's query does)."""
+    m, k, n = 33, 17, 29
+    a = ops.transpose(_randn(*batch, k, m), tuple(range(len(batch))) + (len(batch) + 1, len(batch)))
+    b = _randn(*batch, *((n, k) if transpose_b else (k, n)))
+    plain_op = (ops.BatchMatMul if batch else ops.MatMul)(transpose_b=transpose_b)
+    got, got_grads = _value_and_grads(cpu_kernels.Matmul(transpose_b), (a, b), (0, 1), compiled)
+    want, want_grads = _value_and_grads(plain_op, (a, b), (0, 1), compiled)
+    assert got.shape == want.shape == batch + (m, n)
+    _close(got.asnumpy(), want.asnumpy())
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape
+        _close(g.asnumpy(), w.asnumpy())
