@@ -7,7 +7,9 @@ setup(
     description="Megatron-compatible parallel training for MindSpore in dynamic-graph (PyNative) mode",
     packages=find_packages(include=["mindtron", "mindtron.*"]),
     # Megatron-LM core_r0.19.0's flag table (mindtron/training/megatron_flags.py reads it)
-    package_data={"mindtron.training": ["megatron_flags_core_r0.19.tsv"]},
+    # and the fused CPU kernels' C++ source, compiled on first use (mindtron/parallel_core/cpu_kernels)
+    package_data={"mindtron.training": ["megatron_flags_core_r0.19.tsv"],
+                  "mindtron.parallel_core.cpu_kernels": ["kernels.cc"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",

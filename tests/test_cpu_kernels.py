@@ -68,8 +68,8 @@ def _value_and_grads(fn, args, diff, compiled):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gelu_tanh(compiled):
-    x = _randn(37, 129, scale=3.0)
-    dy = _randn(37, 129)
+    x = _randn(257, 129, scale=3.0)  # above the kernels' one-thread limit (2^15 elements)
+    dy = _randn(257, 129)
     gelu = cpu_kernels.GeluTanh()
 
     def objective(x, dy):
@@ -86,7 +86,7 @@ def test_gelu_tanh(compiled):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("mask_shape", [(1, 1), (3, 1), (1, 4), (3, 4)], ids=lambda s: f"mask{s[0]}x{s[1]}")
 def test_masked_softmax(compiled, mask_shape):
-    b, n, s = 3, 4, 19
+    b, n, s = 3, 4, 61
     scores = _randn(b, n, s, s, scale=4.0)
     causal = np.triu(np.ones((s, s), bool), 1)
     mask = np.broadcast_to(causal, mask_shape + (s, s)).copy()
@@ -102,8 +102,9 @@ def test_masked_softmax(compiled, mask_shape):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_layer_norm(compiled):
-    rows, h, eps = 67, 96, 1e-5
+@pytest.mark.parametrize("rows", [67, 401])  # one thread / several threads with partial sums
+def test_layer_norm(compiled, rows):
+    h, eps = 96, 1e-5
     x = _randn(rows, h, scale=2.0) + 3.0
     w, b = _randn(h), _randn(h)
     fused_cell = cpu_kernels.LayerNormRows(eps)
@@ -146,7 +147,7 @@ def test_cross_entropy(compiled, smoothing):
 
     ps.initialize_model_parallel()
     try:
-        rows, vocab = 45, 203
+        rows, vocab = 173, 203
         logits = _randn(rows, vocab, scale=4.0)
         target = RNG.integers(0, vocab, rows).astype(np.int32)
         target[[3, 9]] = [-1, vocab]
@@ -171,11 +172,13 @@ def test_cross_entropy(compiled, smoothing):
 @pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="numpy's OpenBLAS could not be loaded here")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("transpose_b", [False, True], ids=["ab", "abT"])
-@pytest.mark.parametrize("batch", [(), (3,), (2, 3)], ids=lambda b: f"batch{len(b)}")
-def test_matmul(compiled, transpose_b, batch):
+@pytest.mark.parametrize("batch,sizes", [((), (33, 17, 29)), ((3,), (33, 17, 29)), ((2, 3), (33, 17, 29)),
+                                         ((), (160, 170, 161))], ids=["2d", "batch1", "batch2", "2d-threaded"])
+def test_matmul(compiled, transpose_b, batch, sizes):
     """Products through numpy's OpenBLAS and their gradients against MindSpore's (Batch)MatMul; the first
-    operand arrives transposed (as the attention's query does)."""
-    m, k, n = 33, 17, 29
+    operand arrives transposed (as the attention's query does). Products of 2^22 multiply-adds and more use
+    OpenBLAS's threads, smaller ones one thread."""
+    m, k, n = sizes
     a = ops.transpose(_randn(*batch, k, m), tuple(range(len(batch))) + (len(batch) + 1, len(batch)))
     b = _randn(*batch, *((n, k) if transpose_b else (k, n)))
     plain_op = (ops.BatchMatMul if batch else ops.MatMul)(transpose_b=transpose_b)
@@ -186,3 +189,29 @@ def test_matmul(compiled, transpose_b, batch):
     for g, w in zip(got_grads, want_grads):
         assert g.shape == w.shape
         _close(g.asnumpy(), w.asnumpy())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("rows", [131, 431])  # one thread / several threads with partial sums
+def test_bias_add(compiled, rows):
+    x, bias = _randn(rows, 77), _randn(77)
+    got, got_grads = _value_and_grads(cpu_kernels.BiasAdd(), (x, bias), (0, 1), compiled)
+    want, want_grads = _value_and_grads(lambda x, b: x + b, (x, bias), (0, 1), False)
+    _close(got.asnumpy(), want.asnumpy())
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape
+        _close(g.asnumpy(), w.asnumpy())
+
+
+@pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="numpy's OpenBLAS could not be loaded here")
+def test_empty_rows():
+    """An expert that received no tokens: zero rows in, zero rows out, zero weight and bias gradients."""
+    x, w, bias = Tensor(np.zeros((0, 8), np.float32)), _randn(5, 8), _randn(5)
+    linear, add = cpu_kernels.Matmul(transpose_b=True), cpu_kernels.BiasAdd()
+
+    def objective(x, w, bias):
+        return cpu_kernels.GeluTanh()(add(linear(x, w), bias)).sum()
+
+    dx, dw, dbias = ms.grad(objective, grad_position=(0, 1, 2))(x, w, bias)
+    assert dx.shape == (0, 8)
+    assert not dw.asnumpy().any() and not dbias.asnumpy().any()

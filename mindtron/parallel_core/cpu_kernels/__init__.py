@@ -152,6 +152,21 @@ class MaskedSoftmax(nn.Cell):
         return self.backward(out, dout, mask, self.scale), ops.zeros_like(mask)
 
 
+class BiasAdd(nn.Cell):
+    """x [R, C] + bias [C] in one pass; the bias gradient is a threaded column sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = _kernel("BiasAddForward", lambda x, b: x, lambda x, b: x)
+        self.column_sum = _kernel("ColumnSum", lambda g: g[1:], lambda g: g)
+
+    def construct(self, x, bias):
+        return self.forward(x, bias)
+
+    def bprop(self, x, bias, out, dout):
+        return dout, self.column_sum(dout)
+
+
 class LayerNormRows(nn.Cell):
     """LayerNorm over the rows of x [R, H] with weight and bias [H]: (y, mean [R], rstd [R])."""
 

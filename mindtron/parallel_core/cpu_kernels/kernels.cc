@@ -4,6 +4,7 @@
 //
 // Calling convention of an aot kernel: params holds the inputs, then the outputs; shapes[i] / ndims[i]
 // describe params[i]. Return 0 on success.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +31,7 @@ constexpr float kSqrt2OverPi = 0.79788456f;  // Megatron's bias-GeLU constants
 constexpr float kCubic = 0.044715f;
 constexpr float kCubicSlope = 0.1070322243f;  // 3 * 0.044715 * sqrt(2 / pi)
 constexpr float kMaskedScore = -10000.0f;     // Megatron's masked attention score
+constexpr int64_t kParallelMin = 1 << 15;     // fewer elements than this: one thread (waking more costs more)
 
 // exp(x) for the softmax, inlined so that it vectorizes: libmvec's expf leaves its vector path for every
 // lane that underflows, and masked scores (-10000) fill half of a causal softmax. Cody-Waite reduction
@@ -78,7 +80,7 @@ int GeluTanhForward(int, void **params, int *ndims, int64_t **shapes, const char
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     y[i] = v * 0.5f * (1.0f + tanh_clamped(kSqrt2OverPi * v * (1.0f + kCubic * v * v)));
@@ -92,7 +94,7 @@ int GeluTanhBackward(int, void **params, int *ndims, int64_t **shapes, const cha
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i], v2 = v * v;
     const float t = tanh_clamped(kSqrt2OverPi * v * (1.0f + kCubic * v2));
@@ -111,7 +113,7 @@ int MaskedSoftmaxForward(int, void **params, int *, int64_t **shapes, const char
   float *p = static_cast<float *>(params[3]);
   const MaskRows rows(shapes, 0, 1);
   const int64_t k = rows.sk, n_rows = shapes[0][0] * rows.heads * rows.sq;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows * k >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *xr = x + r * k;
     const bool *mr = mask + rows.offset(r);
@@ -144,7 +146,7 @@ int MaskedSoftmaxBackward(int, void **params, int *, int64_t **shapes, const cha
   float *dx = static_cast<float *>(params[4]);
   const MaskRows rows(shapes, 0, 2);
   const int64_t k = rows.sk, n_rows = shapes[0][0] * rows.heads * rows.sq;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows * k >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *pr = p + r * k, *gr = dp + r * k;
     const bool *mr = mask + rows.offset(r);
@@ -170,7 +172,7 @@ int CrossEntropyForward(int, void **params, int *, int64_t **shapes, const char 
   float *max_out = static_cast<float *>(params[4]);
   float *sum_out = static_cast<float *>(params[5]);
   const int64_t n_rows = shapes[0][0], v = shapes[0][1];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows * v >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *zr = z + r * v;
     float top = -INFINITY;
@@ -209,7 +211,7 @@ int CrossEntropyBackward(int, void **params, int *, int64_t **shapes, const char
   float *dz = static_cast<float *>(params[6]);
   const int64_t n_rows = shapes[0][0], v = shapes[0][1];
   const float spread = smoothing / static_cast<float>(v);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows * v >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *zr = z + r * v;
     float *dr = dz + r * v;
@@ -218,6 +220,44 @@ int CrossEntropyBackward(int, void **params, int *, int64_t **shapes, const char
     for (int64_t j = 0; j < v; ++j) dr[j] = (exp_or_zero(zr[j] - m) * inv_sum - spread) * g;
     const int32_t t = target[r];
     if (t >= 0 && t < v) dr[t] = (exp_or_zero(zr[t] - m) * inv_sum - (1.0f - smoothing) - spread) * g;
+  }
+  return 0;
+}
+
+// y [R, C] = x [R, C] + b [C] (a linear layer's bias)
+int BiasAddForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t n_rows = shapes[0][0], c = shapes[0][1];
+#pragma omp parallel for schedule(static) if (n_rows * c >= kParallelMin)
+  for (int64_t r = 0; r < n_rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) y[r * c + j] = x[r * c + j] + b[j];
+  }
+  return 0;
+}
+
+// db [C] = sum over rows of dy [R, C]; each thread sums a block of rows, the blocks are added in thread
+// order (the same bits for a given thread count).
+int ColumnSum(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *dy = static_cast<const float *>(params[0]);
+  float *db = static_cast<float *>(params[1]);
+  const int64_t n_rows = shapes[0][0], c = shapes[0][1];
+  const int threads = n_rows * c >= kParallelMin ? omp_get_max_threads() : 1;
+  std::vector<float> partial(static_cast<size_t>(threads) * c, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), used = omp_get_num_threads();
+    float *pt = partial.data() + static_cast<size_t>(t) * c;
+    for (int64_t r = n_rows * t / used; r < n_rows * (t + 1) / used; ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) pt[j] += dy[r * c + j];
+    }
+  }
+  for (int64_t j = 0; j < c; ++j) db[j] = 0.0f;
+  for (int t = 0; t < threads; ++t) {
+    for (int64_t j = 0; j < c; ++j) db[j] += partial[static_cast<size_t>(t) * c + j];
   }
   return 0;
 }
@@ -233,7 +273,7 @@ int LayerNormForward(int, void **params, int *, int64_t **shapes, const char **,
   float *mean_out = static_cast<float *>(params[5]);
   float *rstd_out = static_cast<float *>(params[6]);
   const int64_t n_rows = shapes[0][0], h = shapes[0][1];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows * h >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *xr = x + r * h;
     float *yr = y + r * h;
@@ -267,7 +307,7 @@ int LayerNormBackward(int, void **params, int *, int64_t **shapes, const char **
   float *dw = static_cast<float *>(params[6]);
   float *db = static_cast<float *>(params[7]);
   const int64_t n_rows = shapes[0][0], h = shapes[0][1];
-  const int threads = omp_get_max_threads();
+  const int threads = n_rows * h >= kParallelMin ? omp_get_max_threads() : 1;
   std::vector<float> partial(static_cast<size_t>(threads) * 2 * h, 0.0f);
 #pragma omp parallel num_threads(threads)
   {
@@ -322,35 +362,58 @@ using Sgemm32 = void (*)(int, int, int, int, int, int, float, const float *, int
                          float *, int);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
+using SetThreads = void (*)(int);
+using GetThreads = int (*)();
+
 struct Blas {
   Sgemm64 sgemm64 = nullptr;  // ILP64 interface (numpy's wheels: cblas_sgemm64_)
   Sgemm32 sgemm32 = nullptr;
+  SetThreads set_threads = nullptr;
+  int threads = 1, current = 1;
   Blas() {
 #ifdef MINDTRON_BLAS
     void *lib = dlopen(MINDTRON_BLAS, RTLD_NOW | RTLD_GLOBAL);
     if (lib != nullptr) {
       sgemm64 = reinterpret_cast<Sgemm64>(dlsym(lib, "cblas_sgemm64_"));
       if (sgemm64 == nullptr) sgemm32 = reinterpret_cast<Sgemm32>(dlsym(lib, "cblas_sgemm"));
+      const bool ilp64 = sgemm64 != nullptr;
+      set_threads = reinterpret_cast<SetThreads>(
+          dlsym(lib, ilp64 ? "openblas_set_num_threads64_" : "openblas_set_num_threads"));
+      auto get = reinterpret_cast<GetThreads>(
+          dlsym(lib, ilp64 ? "openblas_get_num_threads64_" : "openblas_get_num_threads"));
+      threads = current = get != nullptr ? get() : 1;
     }
 #endif
   }
+  // Small products run on one thread: waking OpenBLAS's other threads costs more than they save there
+  // (a tiny model's step was 1.3x slower with them), and they keep spinning on the cores afterwards.
+  void use_threads_for(int64_t macs) {
+    const int wanted = macs < (int64_t{1} << 22) ? 1 : threads;
+    if (set_threads != nullptr && wanted != current) {
+      set_threads(wanted);
+      current = wanted;
+    }
+  }
 };
 
-const Blas &blas() {
-  static const Blas instance;
+Blas &blas() {
+  static Blas instance;
   return instance;
 }
 
 // c [m, n] = op(a) op(b), row-major, with op(a) [m, k] and op(b) [k, n].
 int gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
-  const Blas &lib = blas();
-  const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
+  Blas &lib = blas();
+  lib.use_threads_for(m * n * k);
+  // (leading dimensions at least 1 as BLAS requires, also for an empty product)
+  const int64_t lda = std::max<int64_t>(1, trans_a ? m : k), ldb = std::max<int64_t>(1, trans_b ? k : n);
+  const int64_t ldc = std::max<int64_t>(1, n);
   const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
   if (lib.sgemm64 != nullptr) {
-    lib.sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, n);
+    lib.sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
   } else if (lib.sgemm32 != nullptr) {
     lib.sgemm32(kRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f, a,
-                static_cast<int>(lda), b, static_cast<int>(ldb), 0.0f, c, static_cast<int>(n));
+                static_cast<int>(lda), b, static_cast<int>(ldb), 0.0f, c, static_cast<int>(ldc));
   } else {
     return 1;
   }
