@@ -166,6 +166,8 @@ class CoreAttention(nn.Cell):
             window = self.window_mask[:, :, :s, :s]
             mask = window if mask is None else ops.logical_or(mask, window)
         if self.fused_softmax is not None and mask is not None and mask.ndim == 4:
+            if mask.dtype != ms.bool_:  # the kernel reads one byte per element as a flag
+                mask = mask.astype(ms.bool_)
             probs = self.fused_softmax(self.batch_matmul_t(q, k), mask)  # the mask broadcast in the kernel
             return self._attend(probs, v, dropout_mask)
         scores = self.batch_matmul_t(q, k) * (1.0 / self.norm_factor)  # [b, np_l, s, s]
