@@ -9,7 +9,7 @@ float64 numpy. The GeLU is compared with float64 numpy: MindSpore 2.10's CPU tan
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 
 from mindtron.parallel_core import cpu_kernels
 

@@ -1,12 +1,14 @@
 """Fused fp32 CPU kernels (kernels.cc), compiled with the machine's C++ compiler on first use.
 
 MindSpore's CPU kernels run one pass over the whole tensor per op, so the elementwise and row-wise parts of
-a transformer layer (tanh GeLU, the scaled masked softmax, LayerNorm, and their gradients) cost more than
-their arithmetic. The kernels here do each of them in one threaded pass per row, called through
-`ops.Custom(func_type="aot")` (which works in PyNative and inside `mindspore.jit`), each paired with its
-written-out gradient. The layers use them on CPU for fp32 tensors when `enabled()`; otherwise, and with
-MINDTRON_CPU_KERNELS=0, they compute the same maths with MindSpore's ops. tests/test_cpu_kernels.py checks
-each kernel and its gradient against MindSpore's ops.
+a transformer layer (tanh GeLU, the scaled masked softmax, LayerNorm, the bias add, the single-rank cross
+entropy, and their gradients) cost more than their arithmetic. The kernels here do each of them in one
+threaded pass per row; the linear layers' products go through numpy's OpenBLAS (`Matmul`). All are called
+through `ops.Custom(func_type="aot")` (which works in PyNative and inside `mindspore.jit`), each paired with
+its written-out gradient. The layers use them on CPU for fp32 tensors when `enabled()` (`blas_enabled()` for
+the products); otherwise, and with MINDTRON_CPU_KERNELS=0, they compute the same maths with MindSpore's ops.
+tests/test_cpu_kernels.py checks each kernel and its gradient against MindSpore's ops (the GeLU against
+float64 numpy).
 
 The library is built once per source, compiler and CPU into $MINDTRON_KERNEL_CACHE (default
 ~/.cache/mindtron/kernels); a build that fails (no compiler, a glibc without vector tanhf) logs one warning
@@ -182,8 +184,7 @@ class LayerNormRows(nn.Cell):
         return self.forward(x, weight, bias, self.eps)
 
     def bprop(self, x, weight, bias, out, dout):
-        dx, dweight, dbias = self.backward(dout[0], x, weight, out[1], out[2])
-        return dx, dweight, dbias
+        return self.backward(dout[0], x, weight, out[1], out[2])  # (dx, dweight, dbias)
 
 
 class CrossEntropy(nn.Cell):
@@ -215,7 +216,8 @@ def _product_shape(trans_a: bool, trans_b: bool):
 class Matmul(nn.Cell):
     """a @ b (or a @ b^T with `transpose_b`) over the last two dimensions, a and b with the same leading
     (batch) dimensions, through numpy's OpenBLAS; the gradients are products of the same kind. Serves the
-    linear layers (x [N, I] @ w [O, I]^T) and the attention's batched products."""
+    linear layers (x [N, I] @ w [O, I]^T); the attention keeps MindSpore's BatchMatMul (OpenBLAS was not
+    faster on its [32, 512, 64] blocks)."""
 
     def __init__(self, transpose_b: bool = False):
         super().__init__()

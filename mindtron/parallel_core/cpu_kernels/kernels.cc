@@ -55,7 +55,9 @@ __attribute__((always_inline)) inline float exp_or_zero(float x) {
 }
 
 // tanh(x); |x| > 10 is +-1 in fp32, and libmvec's tanhf is slow out there (NaN passes).
-__attribute__((always_inline)) inline float tanh_clamped(float x) { return tanhf(x > 10.0f ? 10.0f : (x < -10.0f ? -10.0f : x)); }
+__attribute__((always_inline)) inline float tanh_clamped(float x) {
+  return tanhf(x > 10.0f ? 10.0f : (x < -10.0f ? -10.0f : x));
+}
 
 // Row r of the scores [B, N, Sq, Sk] -> offset of its mask row in a mask [MB, MN, Sq, Sk], MB in {1, B},
 // MN in {1, N} (the mask is broadcast over batch and heads, never copied).
@@ -351,8 +353,8 @@ int LayerNormBackward(int, void **params, int *, int64_t **shapes, const char **
 
 }  // extern "C"
 
-// ---- matrix products through the BLAS that numpy ships (OpenBLAS), which runs a transformer's shapes
-// faster than MindSpore 2.10's CPU MatMul and BatchMatMul. MINDTRON_BLAS is its path, set at build time.
+// ---- matrix products through the BLAS that numpy ships (OpenBLAS), which runs a linear layer's shapes
+// faster than MindSpore 2.10's CPU MatMul. MINDTRON_BLAS is its path, set at build time.
 
 namespace {
 
@@ -420,17 +422,6 @@ int gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const floa
   return 0;
 }
 
-}  // namespace
-
-extern "C" {
-
-// 1 when the BLAS loaded (the Python side checks before using the products below).
-int BlasAvailable() { return blas().sgemm64 != nullptr || blas().sgemm32 != nullptr ? 1 : 0; }
-
-}  // extern "C"
-
-namespace {
-
 // c = op(a) op(b) for each matrix of a stack: a [..., a0, a1], b [..., b0, b1] with the same leading
 // (batch) dimensions, c [..., m, n].
 int batched_gemm(bool trans_a, bool trans_b, void **params, int *ndims, int64_t **shapes) {
@@ -450,6 +441,9 @@ int batched_gemm(bool trans_a, bool trans_b, void **params, int *ndims, int64_t 
 }  // namespace
 
 extern "C" {
+
+// 1 when the BLAS loaded (the Python side checks before using the products below).
+int BlasAvailable() { return blas().sgemm64 != nullptr || blas().sgemm32 != nullptr ? 1 : 0; }
 
 // c = a b, a b^T and a^T b over the last two dimensions (a linear layer: y = x w^T, dx = dy w, dw = dy^T x).
 int MatmulNN(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
