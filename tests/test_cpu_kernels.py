@@ -171,30 +171,74 @@ def test_cross_entropy(compiled, smoothing):
 
 @pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="numpy's OpenBLAS could not be loaded here")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("transpose_b", [False, True], ids=["ab", "abT"])
-@pytest.mark.parametrize("batch,sizes", [((), (33, 17, 29)), ((3,), (33, 17, 29)), ((2, 3), (33, 17, 29)),
-                                         ((), (160, 170, 161))], ids=["2d", "batch1", "batch2", "2d-threaded"])
-def test_matmul(compiled, transpose_b, batch, sizes):
-    """Products through numpy's OpenBLAS and their gradients against MindSpore's (Batch)MatMul; the first
-    operand arrives transposed (as the attention's query does). Products of 2^22 multiply-adds and more use
-    OpenBLAS's threads, smaller ones one thread."""
-    m, k, n = sizes
-    a = ops.transpose(_randn(*batch, k, m), tuple(range(len(batch))) + (len(batch) + 1, len(batch)))
-    b = _randn(*batch, *((n, k) if transpose_b else (k, n)))
-    plain_op = (ops.BatchMatMul if batch else ops.MatMul)(transpose_b=transpose_b)
-    got, got_grads = _value_and_grads(cpu_kernels.Matmul(transpose_b), (a, b), (0, 1), compiled)
-    want, want_grads = _value_and_grads(plain_op, (a, b), (0, 1), compiled)
-    assert got.shape == want.shape == batch + (m, n)
+@pytest.mark.parametrize("lead,sizes", [((33,), (17, 29)), ((11, 3), (17, 29)), ((2, 3, 7), (17, 29)),
+                                        ((160,), (170, 161))], ids=["2d", "3d", "4d", "2d-threaded"])
+def test_linear(compiled, lead, sizes):
+    """x [..., in] @ w [out, in]^T through numpy's OpenBLAS and its gradients against MindSpore's MatMul on
+    the flattened rows; the input arrives transposed (not contiguous before the kernel). Products of 2^22
+    multiply-adds and more use OpenBLAS's threads, smaller ones one thread."""
+    out_size, in_size = sizes
+    x = ops.transpose(_randn(in_size, *lead), tuple(range(1, len(lead) + 1)) + (0,))
+    w = _randn(out_size, in_size)
+
+    def plain(x, w):
+        return ops.MatMul(transpose_b=True)(x.reshape(-1, in_size), w).reshape(lead + (out_size,))
+
+    got, got_grads = _value_and_grads(cpu_kernels.Linear(), (x, w), (0, 1), compiled)
+    want, want_grads = _value_and_grads(plain, (x, w), (0, 1), compiled)
+    assert got.shape == want.shape == lead + (out_size,)
     _close(got.asnumpy(), want.asnumpy())
-    for g, w in zip(got_grads, want_grads):
-        assert g.shape == w.shape
-        _close(g.asnumpy(), w.asnumpy())
+    for g, expected in zip(got_grads, want_grads):
+        assert g.shape == expected.shape
+        _close(g.asnumpy(), expected.asnumpy())
+
+
+def _plain_attention(scale, heads_per_group):
+    """The attention with MindSpore's ops on [b, n, s, hn] blocks, keys/values repeated per group."""
+    def attention(q, k, v, mask):
+        k, v = (ops.repeat_interleave(t, heads_per_group, 2) for t in (k, v))
+        q, k, v = (ops.transpose(t, (1, 2, 0, 3)) for t in (q, k, v))
+        probs = _plain_masked_softmax(scale)(ops.matmul(q, k.swapaxes(-1, -2)), mask)
+        return ops.transpose(ops.matmul(probs, v), (2, 0, 1, 3))
+    return attention
+
+
+@pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="numpy's OpenBLAS could not be loaded here")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("s,b,heads,groups,mask_shape", [
+    (130, 2, 4, 2, (1, 1)),   # three query blocks, the last one short; two heads per key/value group
+    (70, 3, 2, 2, (3, 1)),    # a mask per batch entry, one of its rows fully masked
+    (64, 1, 3, 3, (1, 3)),    # a mask per head with the first keys masked for one head
+    (9, 2, 2, 1, (1, 1)),     # one thread (few scores)
+], ids=["groups", "batch-mask", "head-mask", "small"])
+def test_attention(compiled, s, b, heads, groups, mask_shape):
+    """The fused attention on the [s, b, heads, hn] layout against MindSpore's ops, forward and the
+    gradients of q, k and v: query blocks that skip keys masked for the whole block (causal), masks
+    broadcast over batch or heads, a fully masked row (uniform probabilities), shared key/value groups."""
+    hn, scale = 16, 0.3
+    mask = np.triu(np.ones((s, s), np.bool_), 1)[None, None].repeat(mask_shape[0], 0).repeat(mask_shape[1], 1)
+    if mask_shape[0] > 1:
+        mask[1, :, 5, :] = True
+    if mask_shape[1] > 1:
+        mask[0, 1, :, :3] = True
+    args = (_randn(s, b, heads, hn), _randn(s, b, groups, hn), _randn(s, b, groups, hn), Tensor(mask))
+    kernel = cpu_kernels.Attention(scale)
+
+    def fused(q, k, v, m):
+        return kernel(q, k, v, m)[0]
+
+    got, got_grads = _value_and_grads(fused, args, (0, 1, 2), compiled)
+    want, want_grads = _value_and_grads(_plain_attention(scale, heads // groups), args, (0, 1, 2), compiled)
+    _close(got.asnumpy(), want.asnumpy())
+    for g, expected in zip(got_grads, want_grads):
+        assert g.shape == expected.shape
+        _close(g.asnumpy(), expected.asnumpy())
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("rows", [131, 431])  # one thread / several threads with partial sums
+@pytest.mark.parametrize("rows", [(131,), (431,), (3, 2, 71)])  # one thread / threads with partial sums / 3-D
 def test_bias_add(compiled, rows):
-    x, bias = _randn(rows, 77), _randn(77)
+    x, bias = _randn(*rows, 77), _randn(77)
     got, got_grads = _value_and_grads(cpu_kernels.BiasAdd(), (x, bias), (0, 1), compiled)
     want, want_grads = _value_and_grads(lambda x, b: x + b, (x, bias), (0, 1), False)
     _close(got.asnumpy(), want.asnumpy())
@@ -207,7 +251,7 @@ def test_bias_add(compiled, rows):
 def test_empty_rows():
     """An expert that received no tokens: zero rows in, zero rows out, zero weight and bias gradients."""
     x, w, bias = Tensor(np.zeros((0, 8), np.float32)), _randn(5, 8), _randn(5)
-    linear, add = cpu_kernels.Matmul(transpose_b=True), cpu_kernels.BiasAdd()
+    linear, add = cpu_kernels.Linear(), cpu_kernels.BiasAdd()
 
     def objective(x, w, bias):
         return cpu_kernels.GeluTanh()(add(linear(x, w), bias)).sum()

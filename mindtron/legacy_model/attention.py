@@ -140,10 +140,15 @@ class CoreAttention(nn.Cell):
             self.softmax_offset = None
         # scale, mask and softmax in one pass: the fused CPU kernel where it is built (fp32 on CPU), for the
         # plain softmax without query-key layer scaling
-        self.fused_softmax = None
+        # plain softmax without query-key layer scaling; without attention dropout the whole attention is one
+        # kernel pair on the [s, b, np_l, hn] layout (no transposes)
+        self.fused_softmax = self.fused_attention = None
+        compute = config.dtype("compute_dtype")
         if (self.coeff is None and self.softmax_offset is None and attn_mask_type != AttnMaskType.no_mask
-                and cpu_kernels.enabled(config.dtype("compute_dtype"))):
+                and cpu_kernels.enabled(compute)):
             self.fused_softmax = cpu_kernels.MaskedSoftmax(1.0 / self.norm_factor)
+            if cpu_kernels.blas_enabled(compute):
+                self.fused_attention = cpu_kernels.Attention(1.0 / self.norm_factor)
 
     def construct(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                   dropout_mask: Optional[Tensor] = None) -> Tensor:
@@ -156,19 +161,24 @@ class CoreAttention(nn.Cell):
     def _forward(self, query, key, value, attention_mask, dropout_mask=None):
         # query/key/value: [s, b, np_l, hn] (key/value already expanded to np_l heads)
         s, b, n, hn = query.shape
-        q = ops.transpose(query, (1, 2, 0, 3))  # [b, np_l, s, hn]
-        k = ops.transpose(key, (1, 2, 0, 3))
-        v = ops.transpose(value, (1, 2, 0, 3))
         mask = attention_mask
         if mask is None and self.attn_mask_type == AttnMaskType.causal:
             mask = causal_mask(s)
         if self.window_mask is not None:
             window = self.window_mask[:, :, :s, :s]
             mask = window if mask is None else ops.logical_or(mask, window)
-        if self.fused_softmax is not None and mask is not None and mask.ndim == 4:
-            if mask.dtype != ms.bool_:  # the kernel reads one byte per element as a flag
-                mask = mask.astype(ms.bool_)
-            probs = self.fused_softmax(self.batch_matmul_t(q, k), mask)  # the mask broadcast in the kernel
+        fused = self.fused_softmax is not None and mask is not None and mask.ndim == 4
+        if fused and mask.dtype != ms.bool_:  # the kernels read one byte per element as a flag
+            mask = mask.astype(ms.bool_)
+        dropping = dropout_mask is not None or (self.training and self.dropout_p > 0.0)
+        if fused and self.fused_attention is not None and not dropping:
+            context, _ = self.fused_attention(query, key, value, mask)  # the mask broadcast in the kernel
+            return context.reshape(s, b, n * hn)
+        q = ops.transpose(query, (1, 2, 0, 3))  # [b, np_l, s, hn]
+        k = ops.transpose(key, (1, 2, 0, 3))
+        v = ops.transpose(value, (1, 2, 0, 3))
+        if fused:
+            probs = self.fused_softmax(self.batch_matmul_t(q, k), mask)
             return self._attend(probs, v, dropout_mask)
         scores = self.batch_matmul_t(q, k) * (1.0 / self.norm_factor)  # [b, np_l, s, s]
         if self.softmax_in_fp32:

@@ -3,7 +3,7 @@
 MindSpore's CPU kernels run one pass over the whole tensor per op, so the elementwise and row-wise parts of
 a transformer layer (tanh GeLU, the scaled masked softmax, LayerNorm, the bias add, the single-rank cross
 entropy, and their gradients) cost more than their arithmetic. The kernels here do each of them in one
-threaded pass per row; the linear layers' products go through numpy's OpenBLAS (`Matmul`). All are called
+threaded pass per row; the linear layers' products go through numpy's OpenBLAS (`Linear`), and so do the attention's inside its fused kernel (`Attention`). All are called
 through `ops.Custom(func_type="aot")` (which works in PyNative and inside `mindspore.jit`), each paired with
 its written-out gradient. The layers use them on CPU for fp32 tensors when `enabled()` (`blas_enabled()` for
 the products); otherwise, and with MINDTRON_CPU_KERNELS=0, they compute the same maths with MindSpore's ops.
@@ -154,13 +154,52 @@ class MaskedSoftmax(nn.Cell):
         return self.backward(out, dout, mask, self.scale), ops.zeros_like(mask)
 
 
+class GradientStats(nn.Cell):
+    """One pass over an fp32 gradient each: `all_finite(g)` -> [1] (1.0 when no inf/nan, else 0.0),
+    `square_sum(g)` -> [1] (sum of g^2, accumulated in float64), `scale(g, c)` -> g * c (c [1])."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_finite = _kernel("AllFinite", lambda g: [1], lambda g: g)
+        self.square_sum = _kernel("SquareSum", lambda g: [1], lambda g: g)
+        self.scale = _kernel("Scale", lambda g, c: g, lambda g, c: g)
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_stats() -> Optional[GradientStats]:
+    """The shared GradientStats kernels where they run (CPU, library built), else None."""
+    return GradientStats() if enabled() else None
+
+
+class Attention(nn.Cell):
+    """softmax(where(mask, -10000, q k^T * scale)) v for each batch entry and head, on the projections'
+    layout: q [Sq, B, N, hn], k and v [Sk, B, G, hn] (each of the G key/value groups serves N/G consecutive
+    query heads), mask (bool) [B or 1, N or 1, Sq, Sk] -> (context [Sq, B, N, hn], probs [B, N, Sq, Sk]).
+    The probabilities are kept for the gradient; keys masked for a whole block of queries are skipped."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = _scalar(scale)
+        self.forward = _kernel("AttentionForward", lambda q, k, v, m, c: (q, [q[1], q[2], q[0], k[0]]),
+                               lambda q, k, v, m, c: (q, q))
+        self.backward = _kernel("AttentionBackward", lambda q, k, v, m, p, g, c: (q, k, v),
+                                lambda q, k, v, m, p, g, c: (q, q, q))
+
+    def construct(self, q, k, v, mask):
+        return self.forward(q, k, v, mask, self.scale)
+
+    def bprop(self, q, k, v, mask, out, dout):
+        dq, dk, dv = self.backward(q, k, v, mask, out[1], dout[0], self.scale)
+        return dq, dk, dv, ops.zeros_like(mask)
+
+
 class BiasAdd(nn.Cell):
-    """x [R, C] + bias [C] in one pass; the bias gradient is a threaded column sum."""
+    """x [..., C] + bias [C] in one pass; the bias gradient is a threaded column sum."""
 
     def __init__(self):
         super().__init__()
         self.forward = _kernel("BiasAddForward", lambda x, b: x, lambda x, b: x)
-        self.column_sum = _kernel("ColumnSum", lambda g: g[1:], lambda g: g)
+        self.column_sum = _kernel("ColumnSum", lambda g: g[-1:], lambda g: g)
 
     def construct(self, x, bias):
         return self.forward(x, bias)
@@ -207,29 +246,19 @@ class CrossEntropy(nn.Cell):
         return grad, ops.zeros_like(target)
 
 
-def _product_shape(trans_a: bool, trans_b: bool):
-    def shape(a, b):
-        return list(a[:-2]) + [a[-1] if trans_a else a[-2], b[-2] if trans_b else b[-1]]
-    return shape
+class Linear(nn.Cell):
+    """x [..., in] @ w [out, in]^T -> [..., out] through numpy's OpenBLAS, the rows being all of x's leading
+    dimensions (no reshape around it: inside a compiled graph a reshape is a copy); the gradients dy w and
+    dy^T x are products of the same kind."""
 
-
-class Matmul(nn.Cell):
-    """a @ b (or a @ b^T with `transpose_b`) over the last two dimensions, a and b with the same leading
-    (batch) dimensions, through numpy's OpenBLAS; the gradients are products of the same kind. Serves the
-    linear layers (x [N, I] @ w [O, I]^T); the attention keeps MindSpore's BatchMatMul (OpenBLAS was not
-    faster on its [32, 512, 64] blocks)."""
-
-    def __init__(self, transpose_b: bool = False):
+    def __init__(self):
         super().__init__()
-        self.transpose_b = transpose_b
-        self.nn = _kernel("MatmulNN", _product_shape(False, False), lambda a, b: a)
-        self.nt = _kernel("MatmulNT", _product_shape(False, True), lambda a, b: a)
-        self.tn = _kernel("MatmulTN", _product_shape(True, False), lambda a, b: a)
+        self.forward = _kernel("LinearForward", lambda x, w: list(x[:-1]) + [w[0]], lambda x, w: x)
+        self.grad_input = _kernel("LinearGradInput", lambda g, w: list(g[:-1]) + [w[1]], lambda g, w: g)
+        self.grad_weight = _kernel("LinearGradWeight", lambda g, x: [g[-1], x[-1]], lambda g, x: g)
 
-    def construct(self, a, b):
-        return self.nt(a, b) if self.transpose_b else self.nn(a, b)
+    def construct(self, x, weight):
+        return self.forward(x, weight)
 
-    def bprop(self, a, b, out, dout):
-        if self.transpose_b:  # y = a b^T: da = dy b, db = dy^T a
-            return self.nn(dout, b), self.tn(dout, a)
-        return self.nt(dout, b), self.tn(a, dout)  # y = a b: da = dy b^T, db = a^T dy
+    def bprop(self, x, weight, out, dout):
+        return self.grad_input(dout, weight), self.grad_weight(dout, x)

@@ -27,6 +27,12 @@ int64_t numel(int ndim, const int64_t *shape) {
   return n;
 }
 
+// Rows of x [..., last]: the product of all its dimensions but the last.
+int64_t leading(int ndim, const int64_t *shape) {
+  const int64_t last = ndim > 0 ? shape[ndim - 1] : 1;
+  return last == 0 ? 0 : numel(ndim, shape) / last;
+}
+
 constexpr float kSqrt2OverPi = 0.79788456f;  // Megatron's bias-GeLU constants
 constexpr float kCubic = 0.044715f;
 constexpr float kCubicSlope = 0.1070322243f;  // 3 * 0.044715 * sqrt(2 / pi)
@@ -57,6 +63,34 @@ __attribute__((always_inline)) inline float exp_or_zero(float x) {
 // tanh(x); |x| > 10 is +-1 in fp32, and libmvec's tanhf is slow out there (NaN passes).
 __attribute__((always_inline)) inline float tanh_clamped(float x) {
   return tanhf(x > 10.0f ? 10.0f : (x < -10.0f ? -10.0f : x));
+}
+
+// One row of softmax(where(mask, -10000, x * scale)) over k entries; p may be x (in place).
+inline void masked_softmax_row(const float *x, const bool *m, float scale, float *p, int64_t k) {
+  float top = -INFINITY;  // a NaN in the row is not the max, but reaches every output through the sum
+#pragma omp simd reduction(max : top)
+  for (int64_t j = 0; j < k; ++j) {
+    p[j] = m[j] ? kMaskedScore : x[j] * scale;
+    top = p[j] > top ? p[j] : top;
+  }
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < k; ++j) {
+    p[j] = exp_or_zero(p[j] - top);
+    total += p[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) p[j] = p[j] / total;
+}
+
+// Its gradient: dx = where(mask, 0, scale * p * (dp - sum(dp * p))); dx may be dp (in place).
+inline void masked_softmax_row_grad(const float *p, const float *dp, const bool *m, float scale, float *dx,
+                                    int64_t k) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < k; ++j) dot += dp[j] * p[j];
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) dx[j] = m[j] ? 0.0f : (dp[j] - dot) * p[j] * scale;
 }
 
 // Row r of the scores [B, N, Sq, Sk] -> offset of its mask row in a mask [MB, MN, Sq, Sk], MB in {1, B},
@@ -116,25 +150,7 @@ int MaskedSoftmaxForward(int, void **params, int *, int64_t **shapes, const char
   const MaskRows rows(shapes, 0, 1);
   const int64_t k = rows.sk, n_rows = shapes[0][0] * rows.heads * rows.sq;
 #pragma omp parallel for schedule(static) if (n_rows * k >= kParallelMin)
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const float *xr = x + r * k;
-    const bool *mr = mask + rows.offset(r);
-    float *pr = p + r * k;
-    float top = -INFINITY;  // a NaN in the row is not the max, but reaches every output through the sum
-#pragma omp simd reduction(max : top)
-    for (int64_t j = 0; j < k; ++j) {
-      pr[j] = mr[j] ? kMaskedScore : xr[j] * scale;
-      top = pr[j] > top ? pr[j] : top;
-    }
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < k; ++j) {
-      pr[j] = exp_or_zero(pr[j] - top);
-      total += pr[j];
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < k; ++j) pr[j] = pr[j] / total;
-  }
+  for (int64_t r = 0; r < n_rows; ++r) masked_softmax_row(x + r * k, mask + rows.offset(r), scale, p + r * k, k);
   return 0;
 }
 
@@ -150,14 +166,7 @@ int MaskedSoftmaxBackward(int, void **params, int *, int64_t **shapes, const cha
   const int64_t k = rows.sk, n_rows = shapes[0][0] * rows.heads * rows.sq;
 #pragma omp parallel for schedule(static) if (n_rows * k >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
-    const float *pr = p + r * k, *gr = dp + r * k;
-    const bool *mr = mask + rows.offset(r);
-    float *dr = dx + r * k;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < k; ++j) dot += gr[j] * pr[j];
-#pragma omp simd
-    for (int64_t j = 0; j < k; ++j) dr[j] = mr[j] ? 0.0f : (gr[j] - dot) * pr[j] * scale;
+    masked_softmax_row_grad(p + r * k, dp + r * k, mask + rows.offset(r), scale, dx + r * k, k);
   }
   return 0;
 }
@@ -226,12 +235,49 @@ int CrossEntropyBackward(int, void **params, int *, int64_t **shapes, const char
   return 0;
 }
 
-// y [R, C] = x [R, C] + b [C] (a linear layer's bias)
-int BiasAddForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+// ---- gradient statistics and clipping, one threaded pass over a gradient each
+
+// ok [1] = 1 when every element of x is finite, else 0 (an exponent of all ones is inf or nan)
+int AllFinite(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const uint32_t *x = static_cast<const uint32_t *>(params[0]);
+  float *ok = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  uint32_t bad = 0;
+#pragma omp parallel for simd reduction(| : bad) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((x[i] & 0x7f800000u) == 0x7f800000u);
+  ok[0] = bad != 0 ? 0.0f : 1.0f;
+  return 0;
+}
+
+// total [1] = sum of x^2, accumulated in double
+int SquareSum(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  float *total = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  double sum = 0.0;
+#pragma omp parallel for simd reduction(+ : sum) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
+  total[0] = static_cast<float>(sum);
+  return 0;
+}
+
+// y = x * c with c [1] (gradient clipping)
+int Scale(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float c = *static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+#pragma omp parallel for simd if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * c;
+  return 0;
+}
+
+// y [..., C] = x [..., C] + b [C] (a linear layer's bias)
+int BiasAddForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const float *x = static_cast<const float *>(params[0]);
   const float *b = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
-  const int64_t n_rows = shapes[0][0], c = shapes[0][1];
+  const int64_t c = shapes[1][0], n_rows = leading(ndims[0], shapes[0]);
 #pragma omp parallel for schedule(static) if (n_rows * c >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
 #pragma omp simd
@@ -240,12 +286,12 @@ int BiasAddForward(int, void **params, int *, int64_t **shapes, const char **, v
   return 0;
 }
 
-// db [C] = sum over rows of dy [R, C]; each thread sums a block of rows, the blocks are added in thread
-// order (the same bits for a given thread count).
-int ColumnSum(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+// db [C] = sum over the rows of dy [..., C]; each thread sums a block of rows, the blocks are added in
+// thread order (the same bits for a given thread count).
+int ColumnSum(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const float *dy = static_cast<const float *>(params[0]);
   float *db = static_cast<float *>(params[1]);
-  const int64_t n_rows = shapes[0][0], c = shapes[0][1];
+  const int64_t c = shapes[1][0], n_rows = leading(ndims[0], shapes[0]);
   const int threads = n_rows * c >= kParallelMin ? omp_get_max_threads() : 1;
   std::vector<float> partial(static_cast<size_t>(threads) * c, 0.0f);
 #pragma omp parallel num_threads(threads)
@@ -365,36 +411,25 @@ using Sgemm32 = void (*)(int, int, int, int, int, int, float, const float *, int
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 using SetThreads = void (*)(int);
-using GetThreads = int (*)();
 
+// OpenBLAS runs single-threaded: the kernels split large products over OpenMP's threads themselves (see
+// gemm), so that one set of threads serves every kernel. OpenBLAS's own threads kept spinning on the cores
+// after each product and slowed the kernels that followed. (The setting is process-wide: numpy's products
+// in this process run on one thread too.)
 struct Blas {
   Sgemm64 sgemm64 = nullptr;  // ILP64 interface (numpy's wheels: cblas_sgemm64_)
   Sgemm32 sgemm32 = nullptr;
-  SetThreads set_threads = nullptr;
-  int threads = 1, current = 1;
   Blas() {
 #ifdef MINDTRON_BLAS
     void *lib = dlopen(MINDTRON_BLAS, RTLD_NOW | RTLD_GLOBAL);
     if (lib != nullptr) {
       sgemm64 = reinterpret_cast<Sgemm64>(dlsym(lib, "cblas_sgemm64_"));
       if (sgemm64 == nullptr) sgemm32 = reinterpret_cast<Sgemm32>(dlsym(lib, "cblas_sgemm"));
-      const bool ilp64 = sgemm64 != nullptr;
-      set_threads = reinterpret_cast<SetThreads>(
-          dlsym(lib, ilp64 ? "openblas_set_num_threads64_" : "openblas_set_num_threads"));
-      auto get = reinterpret_cast<GetThreads>(
-          dlsym(lib, ilp64 ? "openblas_get_num_threads64_" : "openblas_get_num_threads"));
-      threads = current = get != nullptr ? get() : 1;
+      auto set_threads = reinterpret_cast<SetThreads>(
+          dlsym(lib, sgemm64 != nullptr ? "openblas_set_num_threads64_" : "openblas_set_num_threads"));
+      if (set_threads != nullptr) set_threads(1);
     }
 #endif
-  }
-  // Small products run on one thread: waking OpenBLAS's other threads costs more than they save there
-  // (a tiny model's step was 1.3x slower with them), and they keep spinning on the cores afterwards.
-  void use_threads_for(int64_t macs) {
-    const int wanted = macs < (int64_t{1} << 22) ? 1 : threads;
-    if (set_threads != nullptr && wanted != current) {
-      set_threads(wanted);
-      current = wanted;
-    }
   }
 };
 
@@ -403,59 +438,208 @@ Blas &blas() {
   return instance;
 }
 
-// c [m, n] = op(a) op(b), row-major, with op(a) [m, k] and op(b) [k, n].
-int gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
+// c [m, n] = op(a) op(b) + beta c, row-major, op(a) [m, k] and op(b) [k, n] with leading dimensions
+// lda, ldb, ldc (at least 1, as BLAS requires even for an empty product), on the calling thread.
+int gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
+            const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
   Blas &lib = blas();
-  lib.use_threads_for(m * n * k);
-  // (leading dimensions at least 1 as BLAS requires, also for an empty product)
-  const int64_t lda = std::max<int64_t>(1, trans_a ? m : k), ldb = std::max<int64_t>(1, trans_b ? k : n);
-  const int64_t ldc = std::max<int64_t>(1, n);
   const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
+  lda = std::max<int64_t>(1, lda);
+  ldb = std::max<int64_t>(1, ldb);
+  ldc = std::max<int64_t>(1, ldc);
   if (lib.sgemm64 != nullptr) {
-    lib.sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+    lib.sgemm64(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
   } else if (lib.sgemm32 != nullptr) {
     lib.sgemm32(kRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f, a,
-                static_cast<int>(lda), b, static_cast<int>(ldb), 0.0f, c, static_cast<int>(ldc));
+                static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
   } else {
     return 1;
   }
   return 0;
 }
 
-// c = op(a) op(b) for each matrix of a stack: a [..., a0, a1], b [..., b0, b1] with the same leading
-// (batch) dimensions, c [..., m, n].
-int batched_gemm(bool trans_a, bool trans_b, void **params, int *ndims, int64_t **shapes) {
-  const int da = ndims[0], db = ndims[1];
-  const int64_t a0 = shapes[0][da - 2], a1 = shapes[0][da - 1], b0 = shapes[1][db - 2], b1 = shapes[1][db - 1];
-  const int64_t m = trans_a ? a1 : a0, k = trans_a ? a0 : a1, n = trans_b ? b0 : b1;
-  int64_t batch = 1;
-  for (int i = 0; i < da - 2; ++i) batch *= shapes[0][i];
-  const float *a = static_cast<const float *>(params[0]), *b = static_cast<const float *>(params[1]);
-  float *c = static_cast<float *>(params[2]);
-  for (int64_t i = 0; i < batch; ++i) {
-    if (gemm(trans_a, trans_b, m, n, k, a + i * a0 * a1, b + i * b0 * b1, c + i * m * n) != 0) return 1;
+// c [m, n] = op(a) op(b) on contiguous matrices. A product of 2^22 multiply-adds or more is cut into one
+// block of rows (or of columns, when there are fewer rows) per OpenMP thread, each a BLAS call on its thread.
+int gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
+  const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
+  const int threads = m * n * k >= (int64_t{1} << 22) ? omp_get_max_threads() : 1;
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    const int t = omp_get_thread_num(), used = omp_get_num_threads();
+    if (m >= n) {  // rows [lo, hi) of c: rows of op(a)
+      const int64_t lo = m * t / used, hi = m * (t + 1) / used;
+      const float *a_rows = trans_a ? a + lo : a + lo * lda;
+      if (hi > lo) failed |= gemm_ld(trans_a, trans_b, hi - lo, n, k, a_rows, lda, b, ldb, 0.0f, c + lo * n, n);
+    } else {  // columns [lo, hi) of c: columns of op(b)
+      const int64_t lo = n * t / used, hi = n * (t + 1) / used;
+      const float *b_cols = trans_b ? b + lo * ldb : b + lo;
+      if (hi > lo) failed |= gemm_ld(trans_a, trans_b, m, hi - lo, k, a, lda, b_cols, ldb, 0.0f, c + lo, n);
+    }
   }
-  return 0;
+  return failed;
+}
+
+// ---- attention: softmax(where(mask, -10000, q k^T scale)) v for each batch entry and head, read from and
+// written to the [s, b, heads, hn] layout of the attention's projections (no transposes). The n query heads
+// share g key/value groups, n/g consecutive heads per group. Each (batch entry, group) is one task on one
+// thread, its products on that thread. Queries go in blocks of kRowBlock rows, and a block's products
+// stop after the last key that one of its rows may see, which halves the work under the causal mask. The
+// keys skipped are masked for every row of the block: their probability is exactly 0 (the exponential of
+// -10000 below the row's max underflows) and their score is never read, so nothing changes but the time.
+
+constexpr int64_t kRowBlock = 64;
+
+struct AttentionShape {
+  int64_t sq, sk, batch, heads, groups, hn, mask_batch, mask_heads, blocks;
+  // q [sq, b, n, hn], k and v [sk, b, g, hn], mask [MB, MN, sq, sk] with MB in {1, b}, MN in {1, n}
+  AttentionShape(int64_t **shapes, int q, int k, int mask)
+      : sq(shapes[q][0]), sk(shapes[k][0]), batch(shapes[q][1]), heads(shapes[q][2]), groups(shapes[k][2]),
+        hn(shapes[q][3]), mask_batch(shapes[mask][0]), mask_heads(shapes[mask][1]),
+        blocks((sq + kRowBlock - 1) / kRowBlock) {}
+  int64_t q_ld() const { return batch * heads * hn; }
+  int64_t kv_ld() const { return batch * groups * hn; }
+  int64_t mask_slice(int64_t b, int64_t h) const {
+    return (mask_batch == 1 ? 0 : b) * mask_heads + (mask_heads == 1 ? 0 : h);
+  }
+  int64_t score_elements() const { return batch * heads * sq * sk; }
+};
+
+// For each mask slice [sq, sk] and query block: how many keys the block's products need. That is 1 + the
+// last key some row of the block may see, or all sk keys if a row sees none (its softmax is uniform).
+std::vector<int64_t> block_keys(const bool *mask, const AttentionShape &a) {
+  std::vector<int64_t> keys(static_cast<size_t>(a.mask_batch * a.mask_heads * a.blocks), 0);
+  for (int64_t slice = 0; slice < a.mask_batch * a.mask_heads; ++slice) {
+    for (int64_t i = 0; i < a.sq; ++i) {
+      const bool *row = mask + (slice * a.sq + i) * a.sk;
+      int64_t last = a.sk - 1;
+      while (last >= 0 && row[last]) --last;
+      int64_t &need = keys[static_cast<size_t>(slice * a.blocks + i / kRowBlock)];
+      need = std::max(need, last < 0 ? a.sk : last + 1);
+    }
+  }
+  return keys;
+}
+
+int attention_threads(const AttentionShape &a) {
+  return a.score_elements() >= kParallelMin ? omp_get_max_threads() : 1;
 }
 
 }  // namespace
 
 extern "C" {
 
+// inputs: q [sq, b, n, hn], k, v [sk, b, g, hn], mask (bool) [MB, MN, sq, sk], scale [1];
+// outputs: context [sq, b, n, hn], probs [b, n, sq, sk] (kept for the gradient).
+int AttentionForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const bool *mask = static_cast<const bool *>(params[3]);
+  const float scale = *static_cast<const float *>(params[4]);
+  float *context = static_cast<float *>(params[5]), *probs = static_cast<float *>(params[6]);
+  const AttentionShape a(shapes, 0, 1, 3);
+  const std::vector<int64_t> keys = block_keys(mask, a);
+  const int64_t q_ld = a.q_ld(), kv_ld = a.kv_ld(), per_group = a.heads / a.groups;
+  int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(attention_threads(a)) reduction(| : failed)
+  for (int64_t task = 0; task < a.batch * a.groups; ++task) {
+    const int64_t b = task / a.groups, group = task % a.groups;
+    const float *kg = k + task * a.hn, *vg = v + task * a.hn;
+    for (int64_t h = group * per_group; h < (group + 1) * per_group; ++h) {
+      const int64_t slice = a.mask_slice(b, h);
+      const float *qh = q + (b * a.heads + h) * a.hn;
+      float *ch = context + (b * a.heads + h) * a.hn, *ph = probs + (b * a.heads + h) * a.sq * a.sk;
+      for (int64_t block = 0; block < a.blocks; ++block) {
+        const int64_t r0 = block * kRowBlock, rows = std::min(kRowBlock, a.sq - r0);
+        const int64_t used = keys[static_cast<size_t>(slice * a.blocks + block)];
+        float *pb = ph + r0 * a.sk;
+        failed |= gemm_ld(false, true, rows, used, a.hn, qh + r0 * q_ld, q_ld, kg, kv_ld, 0.0f, pb, a.sk);
+        for (int64_t i = 0; i < rows; ++i) {
+          float *row = pb + i * a.sk;
+          masked_softmax_row(row, mask + (slice * a.sq + r0 + i) * a.sk, scale, row, used);
+          std::fill(row + used, row + a.sk, 0.0f);
+        }
+        failed |= gemm_ld(false, false, rows, a.hn, used, pb, a.sk, vg, kv_ld, 0.0f, ch + r0 * q_ld, q_ld);
+      }
+    }
+  }
+  return failed;
+}
+
+// inputs: q, k, v, mask, scale as in the forward, probs [b, n, sq, sk], dcontext [sq, b, n, hn];
+// outputs: dq [sq, b, n, hn], dk, dv [sk, b, g, hn].
+int AttentionBackward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  const bool *mask = static_cast<const bool *>(params[3]);
+  const float *probs = static_cast<const float *>(params[4]), *dcontext = static_cast<const float *>(params[5]);
+  const float scale = *static_cast<const float *>(params[6]);
+  float *dq = static_cast<float *>(params[7]), *dk = static_cast<float *>(params[8]);
+  float *dv = static_cast<float *>(params[9]);
+  const AttentionShape a(shapes, 0, 1, 3);
+  const std::vector<int64_t> keys = block_keys(mask, a);
+  const int64_t q_ld = a.q_ld(), kv_ld = a.kv_ld(), per_group = a.heads / a.groups;
+  std::fill(dk, dk + a.sk * kv_ld, 0.0f);  // summed over the query blocks and the group's heads
+  std::fill(dv, dv + a.sk * kv_ld, 0.0f);
+  int failed = 0;
+#pragma omp parallel num_threads(attention_threads(a)) reduction(| : failed)
+  {
+    std::vector<float> dscores(static_cast<size_t>(kRowBlock * a.sk));  // this thread's block of dprobs
+    float *ds = dscores.data();
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < a.batch * a.groups; ++task) {
+      const int64_t b = task / a.groups, group = task % a.groups;
+      const float *kg = k + task * a.hn, *vg = v + task * a.hn;
+      float *dkg = dk + task * a.hn, *dvg = dv + task * a.hn;
+      for (int64_t h = group * per_group; h < (group + 1) * per_group; ++h) {
+        const int64_t slice = a.mask_slice(b, h), offset = (b * a.heads + h) * a.hn;
+        const float *qh = q + offset, *gh = dcontext + offset, *ph = probs + (b * a.heads + h) * a.sq * a.sk;
+        float *dqh = dq + offset;
+        for (int64_t block = 0; block < a.blocks; ++block) {
+          const int64_t r0 = block * kRowBlock, rows = std::min(kRowBlock, a.sq - r0);
+          const int64_t used = keys[static_cast<size_t>(slice * a.blocks + block)];
+          const float *pb = ph + r0 * a.sk, *gb = gh + r0 * q_ld;
+          // dv += p^T dcontext; dprobs = dcontext v^T; dscores from the softmax's gradient
+          failed |= gemm_ld(true, false, used, a.hn, rows, pb, a.sk, gb, q_ld, 1.0f, dvg, kv_ld);
+          failed |= gemm_ld(false, true, rows, used, a.hn, gb, q_ld, vg, kv_ld, 0.0f, ds, a.sk);
+          for (int64_t i = 0; i < rows; ++i) {
+            masked_softmax_row_grad(pb + i * a.sk, ds + i * a.sk, mask + (slice * a.sq + r0 + i) * a.sk, scale,
+                                    ds + i * a.sk, used);
+          }
+          // dq = dscores k; dk += dscores^T q
+          failed |= gemm_ld(false, false, rows, a.hn, used, ds, a.sk, kg, kv_ld, 0.0f, dqh + r0 * q_ld, q_ld);
+          failed |= gemm_ld(true, false, used, a.hn, rows, ds, a.sk, qh + r0 * q_ld, q_ld, 1.0f, dkg, kv_ld);
+        }
+      }
+    }
+  }
+  return failed;
+}
+
 // 1 when the BLAS loaded (the Python side checks before using the products below).
 int BlasAvailable() { return blas().sgemm64 != nullptr || blas().sgemm32 != nullptr ? 1 : 0; }
 
-// c = a b, a b^T and a^T b over the last two dimensions (a linear layer: y = x w^T, dx = dy w, dw = dy^T x).
-int MatmulNN(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  return batched_gemm(false, false, params, ndims, shapes);
+// A linear layer's products, the rows of x being all its leading dimensions:
+// y [..., out] = x [..., in] w^T with w [out, in]
+int LinearForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t rows = leading(ndims[0], shapes[0]), out = shapes[1][0], in = shapes[1][1];
+  return gemm(false, true, rows, out, in, static_cast<const float *>(params[0]),
+              static_cast<const float *>(params[1]), static_cast<float *>(params[2]));
 }
 
-int MatmulNT(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  return batched_gemm(false, true, params, ndims, shapes);
+// dx [..., in] = dy [..., out] w
+int LinearGradInput(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t rows = leading(ndims[0], shapes[0]), out = shapes[1][0], in = shapes[1][1];
+  return gemm(false, false, rows, in, out, static_cast<const float *>(params[0]),
+              static_cast<const float *>(params[1]), static_cast<float *>(params[2]));
 }
 
-int MatmulTN(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  return batched_gemm(true, false, params, ndims, shapes);
+// dw [out, in] = dy^T x, summed over the rows of dy [..., out] and x [..., in]
+int LinearGradWeight(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t rows = leading(ndims[0], shapes[0]);
+  const int64_t out = shapes[0][ndims[0] - 1], in = shapes[1][ndims[1] - 1];
+  return gemm(true, false, out, in, rows, static_cast<const float *>(params[0]),
+              static_cast<const float *>(params[1]), static_cast<float *>(params[2]));
 }
 
 }  // extern "C"

@@ -27,7 +27,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, jit, ops
 
-from mindtron.parallel_core import comm
+from mindtron.parallel_core import comm, cpu_kernels
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core.comm import ProcessGroup
 
@@ -46,8 +46,20 @@ _abs_max = ops.MultitypeFuncGraph("mindtron_abs_max")
 _scale = ops.MultitypeFuncGraph("mindtron_scale")
 
 
+# cpu_kernels.GradientStats where the fused CPU kernels run (one threaded pass per fp32 gradient instead of
+# MindSpore's Mul and ReduceSum); bound before the first compile by _bind_kernels.
+_stats = None
+
+
+def _bind_kernels():
+    global _stats
+    _stats = cpu_kernels.gradient_stats()
+
+
 @_square_sum.register("Tensor")
 def _square_sum_one(g):
+    if _stats is not None and g.dtype == ms.float32:
+        return _stats.square_sum(g).reshape(())
     g = g.reshape(-1).astype(ms.float32)  # 1-D: MindSpore's CPU reductions over all axes of a 2-D tensor are slow
     return ops.reduce_sum(g * g)
 
@@ -59,6 +71,8 @@ def _abs_max_one(g):
 
 @_scale.register("Tensor", "Tensor")
 def _scale_one(coeff, g):
+    if _stats is not None and g.dtype == ms.float32:
+        return _stats.scale(g, coeff.reshape(1))
     return g * coeff.astype(g.dtype)
 
 
@@ -178,6 +192,7 @@ def _local_stat(counted: List[Tensor], norm_type: float) -> Tensor:
     if not counted:
         return ops.zeros((1,), ms.float32)
     counted = ms.mutable(tuple(counted))  # a variable input: the compiled reduction is reused every step
+    _bind_kernels()
     return (_max_of_abs(counted) if math.isinf(norm_type) else _sum_of_squares(counted)).reshape(1)
 
 
@@ -199,6 +214,7 @@ def clip_grad_by_total_norm(grads: Sequence[Tensor], max_norm: float, total_norm
     if not coeff < 1.0:
         return list(grads)
     present = [i for i, g in enumerate(grads) if g is not None]
+    _bind_kernels()
     scaled = _scale_all(ms.mutable(tuple(grads[i] for i in present)), Tensor(np.asarray(coeff, np.float32)))
     out = list(grads)
     for i, g in zip(present, scaled):

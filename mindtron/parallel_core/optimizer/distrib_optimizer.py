@@ -20,7 +20,7 @@ size), so the pieces also regather at another expert-parallel size.
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms

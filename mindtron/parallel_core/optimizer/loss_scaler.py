@@ -30,7 +30,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, amp, jit, ops
 
-from mindtron.parallel_core import comm
+from mindtron.parallel_core import comm, cpu_kernels
 from mindtron.parallel_core.comm import ProcessGroup
 
 __all__ = ["LossScaler", "ConstantLossScaler", "DynamicLossScaler", "AdaptiveLossScaler",
@@ -254,8 +254,13 @@ _map = ops.HyperMap()
 _finite = ops.MultitypeFuncGraph("mindtron_finite")
 
 
+_stats = None  # cpu_kernels.GradientStats where the fused CPU kernels run, bound before the first compile
+
+
 @_finite.register("Tensor")
 def _finite_one(g):
+    if _stats is not None and g.dtype == ms.float32:
+        return _stats.all_finite(g).reshape(()) > 0.5
     return ops.isfinite(g.reshape(-1)).all()  # 1-D: CPU reductions over a 2-D tensor's axes are slow
 
 
@@ -268,6 +273,8 @@ def _all_finite(grads: Sequence[Tensor]) -> Tensor:
     """True when every element of every gradient is finite: one compiled call over all of them. On CPU
     (2.5x faster than amp.all_finite there); elsewhere amp.all_finite, which knows Ascend's overflow modes."""
     if ms.get_context("device_target") == "CPU":
+        global _stats
+        _stats = cpu_kernels.gradient_stats()
         return _all_finite_cpu(ms.mutable(tuple(grads)))
     return amp.all_finite(grads)
 
