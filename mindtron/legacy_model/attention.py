@@ -138,10 +138,9 @@ class CoreAttention(nn.Cell):
             self.softmax_offset = Tensor(np.zeros(heads_l, np.float32))
         else:
             self.softmax_offset = None
-        # scale, mask and softmax in one pass: the fused CPU kernel where it is built (fp32 on CPU), for the
-        # plain softmax without query-key layer scaling
-        # plain softmax without query-key layer scaling; without attention dropout the whole attention is one
-        # kernel pair on the [s, b, np_l, hn] layout (no transposes)
+        # fused CPU kernels where they are built (fp32 on CPU), for the plain softmax without query-key layer
+        # scaling: scale, mask and softmax in one pass, and without attention dropout the whole attention as
+        # one kernel pair on the [s, b, np_l, hn] layout (no transposes)
         self.fused_softmax = self.fused_attention = None
         compute = config.dtype("compute_dtype")
         if (self.coeff is None and self.softmax_offset is None and attn_mask_type != AttnMaskType.no_mask

@@ -3,9 +3,9 @@
 MindSpore's CPU kernels run one pass over the whole tensor per op, so the elementwise and row-wise parts of
 a transformer layer (tanh GeLU, the scaled masked softmax, LayerNorm, the bias add, the single-rank cross
 entropy, and their gradients) cost more than their arithmetic. The kernels here do each of them in one
-threaded pass per row; the linear layers' products go through numpy's OpenBLAS (`Linear`), and so do the attention's inside its fused kernel (`Attention`). All are called
-through `ops.Custom(func_type="aot")` (which works in PyNative and inside `mindspore.jit`), each paired with
-its written-out gradient. The layers use them on CPU for fp32 tensors when `enabled()` (`blas_enabled()` for
+threaded pass per row; the linear layers' products go through numpy's OpenBLAS (`Linear`), and so do the
+attention's inside its fused kernel (`Attention`). All are called through `ops.Custom(func_type="aot")`
+(which works in PyNative and inside `mindspore.jit`), each paired with its written-out gradient. The layers use them on CPU for fp32 tensors when `enabled()` (`blas_enabled()` for
 the products); otherwise, and with MINDTRON_CPU_KERNELS=0, they compute the same maths with MindSpore's ops.
 tests/test_cpu_kernels.py checks each kernel and its gradient against MindSpore's ops (the GeLU against
 float64 numpy).
@@ -248,8 +248,8 @@ class CrossEntropy(nn.Cell):
 
 class Linear(nn.Cell):
     """x [..., in] @ w [out, in]^T -> [..., out] through numpy's OpenBLAS, the rows being all of x's leading
-    dimensions (no reshape around it: inside a compiled graph a reshape is a copy); the gradients dy w and
-    dy^T x are products of the same kind."""
+    dimensions; the gradients dy w and dy^T x are products of the same kind. (The linear layers still pass
+    x as 2-D rows: see tensor_parallel.layers._Matmul.)"""
 
     def __init__(self):
         super().__init__()
