@@ -60,6 +60,7 @@ def launch(nprocs: int, script: str, args: Sequence[str] = (), timeout: float = 
     run_env["PATH"] = bin_dir + os.pathsep + run_env.get("PATH", "")
     run_env["PYTHONPATH"] = str(REPO) + os.pathsep + run_env.get("PYTHONPATH", "")
     run_env.setdefault("GLOG_v", "3")
+    run_env.setdefault("PYTHONFAULTHANDLER", "1")  # a crashing worker logs its Python stacks
     run_env.update(env or {})
     msrun = str(Path(bin_dir) / "msrun") if (Path(bin_dir) / "msrun").exists() else "msrun"
     cmd = [msrun, "--worker_num", str(nprocs), "--local_worker_num", str(nprocs),
@@ -89,8 +90,11 @@ def run_on_ranks(nprocs: int, target: str, kwargs: Optional[dict] = None, timeou
                     timeout=timeout, env=env)
     missing = [r for r in range(nprocs) if not (out_dir / f"rank_{r}.pkl").exists()]
     if result.returncode != 0 or missing:
-        failed = [r for r in range(nprocs) if (out_dir / f"rank_{r}.error").exists()] or missing or [0]
+        failed = [r for r in range(nprocs) if (out_dir / f"rank_{r}.error").exists()] or missing
         why = "timed out" if result.returncode is None else f"exited with {result.returncode}"
+        if not failed:  # every rank returned: one crashed while the process shut down
+            why += " after every rank returned its result (a worker died on exit; see its log)"
+            failed = list(range(nprocs))
         logs = "\n".join(f"----- rank {r} ({result.log_dir}/worker_{r}.log) -----\n{result.worker_log(r)}"
                          for r in failed)
         raise AssertionError(f"msrun of {target} on {nprocs} ranks {why}; ranks without a result: "
