@@ -4,7 +4,8 @@
 
 Each rank calls `main(**kwargs)` after `init_runtime()`; its return value (anything picklable) comes back in
 rank order. A launch gets a free port, a time limit and its own log directory; if any rank fails or the
-limit passes, the AssertionError shows the failing ranks' logs.
+limit passes, the AssertionError shows the failing ranks' logs. A worker that dies on exit after every rank
+returned is a RuntimeWarning with the logs, not a failure (see run_on_ranks).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -78,6 +80,10 @@ def launch(nprocs: int, script: str, args: Sequence[str] = (), timeout: float = 
     return Launch(returncode, log_dir, nprocs, output)
 
 
+def _logs(result: Launch, ranks) -> str:
+    return "\n".join(f"----- rank {r} ({result.log_dir}/worker_{r}.log) -----\n{result.worker_log(r)}" for r in ranks)
+
+
 def run_on_ranks(nprocs: int, target: str, kwargs: Optional[dict] = None, timeout: float = 900,
                  env: Optional[dict] = None) -> List[Any]:
     """Call `file.py:function(**kwargs)` on every rank; return the results in rank order."""
@@ -89,14 +95,16 @@ def run_on_ranks(nprocs: int, target: str, kwargs: Optional[dict] = None, timeou
     result = launch(nprocs, str(ENTRY), [path, function, str(out_dir), json.dumps(kwargs or {})],
                     timeout=timeout, env=env)
     missing = [r for r in range(nprocs) if not (out_dir / f"rank_{r}.pkl").exists()]
-    if result.returncode != 0 or missing:
-        failed = [r for r in range(nprocs) if (out_dir / f"rank_{r}.error").exists()] or missing
-        why = "timed out" if result.returncode is None else f"exited with {result.returncode}"
-        if not failed:  # every rank returned: one crashed while the process shut down
-            why += " after every rank returned its result (a worker died on exit; see its log)"
-            failed = list(range(nprocs))
-        logs = "\n".join(f"----- rank {r} ({result.log_dir}/worker_{r}.log) -----\n{result.worker_log(r)}"
-                         for r in failed)
+    errors = [r for r in range(nprocs) if (out_dir / f"rank_{r}.error").exists()]
+    why = "timed out" if result.returncode is None else f"exited with {result.returncode}"
+    if result.returncode not in (0, None) and not missing and not errors:
+        # Every rank returned its result; a worker then died while its process shut down. The results are
+        # whole, so the checks go on; the exit itself is held to 0 by the launches in
+        # test_launch_and_signals.py. The warning keeps the crash visible with every rank's log.
+        warnings.warn(f"msrun of {target} on {nprocs} ranks {why} after every rank returned its result (a "
+                      f"worker died on exit)\n{_logs(result, range(nprocs))}", RuntimeWarning)
+    elif result.returncode != 0 or missing:
+        failed = errors or missing or list(range(nprocs))
         raise AssertionError(f"msrun of {target} on {nprocs} ranks {why}; ranks without a result: "
-                             f"{missing}\n{logs}\n----- msrun -----\n{result.output[-3000:]}")
+                             f"{missing}\n{_logs(result, failed)}\n----- msrun -----\n{result.output[-3000:]}")
     return [pickle.loads((out_dir / f"rank_{r}.pkl").read_bytes()) for r in range(nprocs)]
