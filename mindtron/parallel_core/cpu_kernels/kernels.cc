@@ -399,8 +399,9 @@ int LayerNormBackward(int, void **params, int *, int64_t **shapes, const char **
 
 }  // extern "C"
 
-// ---- matrix products through the BLAS that numpy ships (OpenBLAS), which runs a linear layer's shapes
-// faster than MindSpore 2.10's CPU MatMul. MINDTRON_BLAS is its path, set at build time.
+// ---- matrix products through a BLAS loaded at run time: Intel MKL (the `mkl` wheel's libmkl_rt) when it is
+// installed, else the OpenBLAS that numpy ships. Both run a linear layer's shapes faster than MindSpore 2.10's
+// CPU MatMul. MINDTRON_BLAS is the library's path, chosen at build time (cpu_kernels.blas_library()).
 
 namespace {
 
@@ -408,26 +409,34 @@ using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const 
                          int64_t, float, float *, int64_t);
 using Sgemm32 = void (*)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
+using IntSetter = int (*)(int);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int kMklSequential = 1;                        // MKL_THREADING_SEQUENTIAL
+constexpr int kMklCbwrAutoStrict = 2 | 0x10000;         // MKL_CBWR_AUTO | MKL_CBWR_STRICT
 
-using SetThreads = void (*)(int);
-
-// OpenBLAS runs single-threaded: the kernels split large products over OpenMP's threads themselves (see
+// The BLAS runs single-threaded: the kernels split large products over OpenMP's threads themselves (see
 // gemm), so that one set of threads serves every kernel. OpenBLAS's own threads kept spinning on the cores
 // after each product and slowed the kernels that followed. (The setting is process-wide: numpy's products
-// in this process run on one thread too.)
+// in this process run on one thread too.) MKL is also asked for results that do not depend on the buffers'
+// alignment, so a product gives the same bits wherever MindSpore placed its tensors.
 struct Blas {
-  Sgemm64 sgemm64 = nullptr;  // ILP64 interface (numpy's wheels: cblas_sgemm64_)
+  Sgemm64 sgemm64 = nullptr;  // 64-bit integers: OpenBLAS in numpy's wheels (cblas_sgemm64_), MKL (cblas_sgemm_64)
   Sgemm32 sgemm32 = nullptr;
   Blas() {
 #ifdef MINDTRON_BLAS
     void *lib = dlopen(MINDTRON_BLAS, RTLD_NOW | RTLD_GLOBAL);
-    if (lib != nullptr) {
-      sgemm64 = reinterpret_cast<Sgemm64>(dlsym(lib, "cblas_sgemm64_"));
-      if (sgemm64 == nullptr) sgemm32 = reinterpret_cast<Sgemm32>(dlsym(lib, "cblas_sgemm"));
-      auto set_threads = reinterpret_cast<SetThreads>(
-          dlsym(lib, sgemm64 != nullptr ? "openblas_set_num_threads64_" : "openblas_set_num_threads"));
-      if (set_threads != nullptr) set_threads(1);
+    if (lib == nullptr) return;
+    if (auto mkl_layer = reinterpret_cast<IntSetter>(dlsym(lib, "MKL_Set_Threading_Layer"))) {
+      auto mkl_cbwr = reinterpret_cast<IntSetter>(dlsym(lib, "MKL_CBWR_Set"));
+      mkl_layer(kMklSequential);
+      if (mkl_cbwr == nullptr || mkl_cbwr(kMklCbwrAutoStrict) != 0) return;  // not reproducible: leave it unused
+    }
+    for (const char *name : {"cblas_sgemm64_", "cblas_sgemm_64"}) {
+      if (sgemm64 == nullptr) sgemm64 = reinterpret_cast<Sgemm64>(dlsym(lib, name));
+    }
+    if (sgemm64 == nullptr) sgemm32 = reinterpret_cast<Sgemm32>(dlsym(lib, "cblas_sgemm"));
+    for (const char *name : {"openblas_set_num_threads64_", "openblas_set_num_threads"}) {
+      if (auto set_threads = reinterpret_cast<void (*)(int)>(dlsym(lib, name))) set_threads(1);
     }
 #endif
   }

@@ -84,7 +84,7 @@ class _Matmul(nn.Cell):
     def __init__(self, compute_dtype=None):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
-        # fp32: numpy's OpenBLAS through a CPU kernel where it is built, faster than MindSpore's MatMul there
+        # fp32: MKL or numpy's OpenBLAS through a CPU kernel where it is built, faster than MindSpore's MatMul
         self.blas = cpu_kernels.Linear() if cpu_kernels.blas_enabled() else None
         self.compute_dtype = compute_dtype
 
