@@ -325,3 +325,16 @@ def test_products_through_openblas_too():
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
+
+
+def test_a_blas_that_does_not_load_is_a_warning(monkeypatch, caplog):
+    """When the chosen BLAS does not load, the products fall back to MindSpore's MatMul and a warning says so."""
+    class NoBlas:
+        @staticmethod
+        def BlasAvailable():
+            return 0
+
+    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", lambda path: NoBlas())
+    with caplog.at_level("WARNING", logger="mindtron"):
+        assert cpu_kernels.blas_enabled.__wrapped__() is False
+    assert "could not be loaded" in caplog.text and "MatMul" in caplog.text

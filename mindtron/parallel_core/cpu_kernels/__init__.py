@@ -132,7 +132,13 @@ def enabled(dtype=ms.float32) -> bool:
 @functools.lru_cache(maxsize=None)
 def blas_enabled(dtype=ms.float32) -> bool:
     """Whether the matrix products run through a BLAS here (the kernels are enabled and blas_library() loaded)."""
-    return enabled(dtype) and bool(ctypes.CDLL(library()).BlasAvailable())
+    if not enabled(dtype):
+        return False
+    if not ctypes.CDLL(library()).BlasAvailable():
+        logger.warning("the BLAS %s could not be loaded: the matrix products use MindSpore's MatMul (slower)",
+                       blas_library())
+        return False
+    return True
 
 
 def _kernel(name: str, out_shape, out_dtype):
