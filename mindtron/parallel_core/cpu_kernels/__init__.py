@@ -77,7 +77,7 @@ def blas_library() -> Optional[str]:
     mkl = _mkl() if choice != "openblas" else None
     if choice == "mkl" and mkl is None:
         raise ValueError("MINDTRON_BLAS=mkl but Intel MKL is not installed: pip install mindtron[mkl] (or unset "
-                           "MINDTRON_BLAS to use numpy's OpenBLAS)")
+                         "MINDTRON_BLAS to use numpy's OpenBLAS)")
     return mkl or _numpy_openblas()
 
 
