@@ -81,30 +81,37 @@ def blas_library() -> Optional[str]:
     return mkl or _numpy_openblas()
 
 
-def _build(compiler: str) -> Path:
-    """Compile kernels.cc into the cache (atomically: concurrent workers may build it at once)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    blas = blas_library()
-    flags = FLAGS + ([f'-DMINDTRON_BLAS="{blas}"'] if blas else []) + ["-ldl"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature()])
+def compiler() -> str:
+    """The C++ compiler the native libraries are built with ($CXX, else g++ or c++)."""
+    found = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if found is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    return found
+
+
+def build(source: Path, flags: list, link: tuple = ()) -> Path:
+    """Compile `source` into a shared library in the cache, once per source, flags, compiler and CPU, and
+    load it once to check that every symbol resolves. Atomic: concurrent workers may build it at once."""
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join([*flags, *link]), version, _cpu_signature()])
                          .encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MINDTRON_KERNEL_CACHE") or Path.home() / ".cache" / "mindtron" / "kernels")
-    target = cache / f"mindtron_kernels_{key}.so"
+    target = cache / f"mindtron_{source.stem}_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags[:-1], str(SOURCE), "-o", tmp, flags[-1]], capture_output=True,
-                                  text=True)
+            done = subprocess.run([cxx, *flags, str(source), "-o", tmp, *link], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(done.stderr.strip()[-2000:])
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        logger.info("compiled mindtron's CPU kernels into %s (matrix products through %s)", target, blas)
-    ctypes.CDLL(str(target))  # resolves every symbol now (libmvec's tanhf needs glibc 2.35)
+        logger.info("compiled %s into %s", source.name, target)
+    ctypes.CDLL(str(target))
     return target
 
 
@@ -113,15 +120,15 @@ def library() -> Optional[str]:
     """Path of the compiled kernel library, or None when it is switched off or cannot be built here."""
     if os.environ.get("MINDTRON_CPU_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    blas = blas_library()
     try:
-        if compiler is None:
-            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-        return str(_build(compiler))
+        # loading it resolves every symbol now (libmvec's tanhf needs glibc 2.35)
+        path = build(SOURCE, FLAGS + ([f'-DMINDTRON_BLAS="{blas}"'] if blas else []), link=("-ldl",))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("mindtron's fused CPU kernels are unavailable, using MindSpore's ops (slower): %s. "
                        "Set MINDTRON_CPU_KERNELS=0 to skip them without this warning.", error)
         return None
+    return str(path)
 
 
 def enabled(dtype=ms.float32) -> bool:
