@@ -11,7 +11,7 @@ setup(
     # Megatron-LM core_r0.19.0's flag table (mindtron/training/megatron_flags.py reads it)
     # and the fused CPU kernels' C++ source, compiled on first use (mindtron/parallel_core/cpu_kernels)
     package_data={"mindtron.training": ["megatron_flags_core_r0.19.tsv"],
-                  "mindtron.parallel_core.cpu_kernels": ["kernels.cc"]},
+                  "mindtron.parallel_core.cpu_kernels": ["kernels.cc", "teardown_guard.cc"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore==2.10.0",

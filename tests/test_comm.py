@@ -28,6 +28,11 @@ def test_collectives_on_2_ranks(foundation_2):
     assert_all_close(worst_errors(foundation_2, "comm"), 1e-6, _required(["world"]), _fp16_tolerance)
 
 
+def test_workers_arm_the_exit_guard(foundation_2):
+    """Joining the cluster registers the guard for MindSpore's exit race (tests/test_teardown.py)."""
+    assert [rank["exit_guard_armed"] for rank in foundation_2] == [True, True]
+
+
 def test_collectives_on_4_ranks_world_and_subgroups(foundation_4):
     assert_all_close(worst_errors(foundation_4, "comm"), 1e-6,
                      _required(["world", "pairs_01_23", "pairs_02_13"]), _fp16_tolerance)

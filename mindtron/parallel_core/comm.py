@@ -127,6 +127,9 @@ def init_distributed() -> None:
         init()
         _state.update(world_size=get_group_size(), rank=ms_get_rank(),
                       world_name=GlobalComm.WORLD_COMM_GROUP)
+        from .teardown import arm_at_exit  # after init(): its handler must run before MindSpore's teardown
+
+        arm_at_exit()
     _state["initialized"] = True
 
 

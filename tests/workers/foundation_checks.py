@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from mindtron.parallel_core import comm, parallel_state as ps
+from mindtron.parallel_core.teardown import armed_at_exit
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.initialization import full_initial_value
 
@@ -309,4 +310,5 @@ def tp_checks() -> dict:
 
 
 def main() -> dict:
-    return {"comm": all_comm_checks(), "state": state_checks(), "tp": tp_checks()}
+    return {"comm": all_comm_checks(), "state": state_checks(), "tp": tp_checks(),
+            "exit_guard_armed": armed_at_exit()}
