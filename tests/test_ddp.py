@@ -86,7 +86,7 @@ def test_distributed_optimizer_resume_is_exact(launches):
 
 
 def test_resume_at_another_data_parallel_size(single, launches):
-    """Saved by DP=2 at iteration 4, resumed by DP=4: iterations 5-8 give the single-process losses."""
+    """Saved by DP=2 half-way, resumed by DP=4: the remaining iterations give the single-process losses."""
     for saved in launches["dp2_distopt_saved"]:
         np.testing.assert_allclose(saved["loss"], single["loss"][:STEPS // 2], rtol=1e-5)
     for resumed in launches["dp4_resumed_from_dp2"]:
@@ -149,8 +149,8 @@ def test_tied_embedding_copies_stay_equal_with_the_distributed_optimizer(launche
 
 @pytest.mark.parametrize("saved_dp", [2, 4])
 def test_resume_at_data_parallel_size_one_regathers_every_shard(single, launches, root, saved_dp):
-    """Checkpoints saved by DP=2 and DP=4 at iteration 4 load into one process: the shards are
-    regathered and iterations 5-8 give the single-process losses."""
+    """Checkpoints saved by DP=2 and DP=4 half-way load into one process: the shards are regathered and
+    the remaining iterations give the single-process losses."""
     path = root if saved_dp == 2 else root + "_dp4"
     resumed = ddp_checks.run(bucket_size=ddp_checks.SMALL_BUCKETS, use_distributed_optimizer=True, load_checkpoint=path)
     np.testing.assert_allclose(resumed["loss"], single["loss"][STEPS // 2:], rtol=1e-5)

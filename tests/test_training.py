@@ -8,15 +8,17 @@ import pytest
 
 from workers import training_checks
 
+EVAL_AT = [3, 6]  # training_checks.layout_config(): validation after iterations 3 and 6
+
 
 @pytest.fixture(scope="module")
 def single_process():
-    return training_checks.train(training_checks.make_config(steps=10))
+    return training_checks.train(training_checks.layout_config())
 
 
 def test_single_process_loss_falls(single_process):
     losses = single_process["loss"]
-    assert len(losses) == 10 and losses[-1] < losses[0] - 0.3
+    assert len(losses) == training_checks.LAYOUT_STEPS and losses[-1] < losses[0] - 0.15
     assert all(n is not None and np.isfinite(n) for n in single_process["grad_norm"])
 
 
@@ -42,14 +44,14 @@ def test_pipeline_layouts_on_3_and_4_ranks_give_the_single_process_loss_curve(si
 def test_evaluation_under_every_layout_gives_the_single_process_validation_loss(single_process, training_layouts_2,
                                                                                  training_layouts_3_4):
     want = single_process["eval"]
-    assert [i for i, _ in want] == [5, 10]
+    assert [i for i, _ in want] == EVAL_AT
     runs = {layout: [r[layout] for r in training_layouts_2]
             for layout in ("dp2", "tp2", "tp2_sp", "pp2", "pp2_vpp2")}
     runs.update(training_layouts_3_4)
     for layout, per_rank in runs.items():
         for result in per_rank:
             if result["last_stage"]:
-                assert [i for i, _ in result["eval"]] == [5, 10], layout
+                assert [i for i, _ in result["eval"]] == EVAL_AT, layout
                 np.testing.assert_allclose([l for _, l in result["eval"]], [l for _, l in want], rtol=1e-5,
                                            err_msg=layout)
 
@@ -91,7 +93,7 @@ def test_iterations_to_skip_drop_their_batches_without_a_step():
 
 
 def test_pipeline_checkpoints_save_and_resume_per_stage(training_layouts_2):
-    """PP=2: stopped after 4 of 8 iterations, saved per stage (mp_rank_00_000 / _001), resumed: the same
+    """PP=2: stopped after 2 of 4 iterations, saved per stage (mp_rank_00_000 / _001), resumed: the same
     losses and validation losses as the uninterrupted run."""
     result = [r["pp2_resume"] for r in training_layouts_2 if r["pp2_resume"]["last_stage"]]
     assert len(result) == 1
@@ -169,7 +171,7 @@ def test_fp16_weights_are_stepped_through_fp32_main_copies():
 
 def test_fp16_weights_resume_is_exact():
     """The checkpoint carries the fp32 main copies: the resumed run repeats the uninterrupted one."""
-    result = training_checks.resume(steps=8, save_at=4, fp16=True, loss_scale=1024.0, model_options=FP16_WEIGHTS)
+    result = training_checks.resume(steps=4, save_at=2, fp16=True, loss_scale=1024.0, model_options=FP16_WEIGHTS)
     np.testing.assert_array_equal(result["resumed"], result["full"])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from mindtron.parallel_core.optimizer import DistributedOptimizer, optimizer_state_dict
 from workers import training_checks as tc
 
-STEPS = 8
+STEPS = 4  # checkpoints are saved half-way, after iteration STEPS // 2
 SMALL_BUCKETS = 3000  # elements: the tiny GPT spreads over many buckets
 
 

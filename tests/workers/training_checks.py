@@ -82,16 +82,24 @@ def trainer_named(trainer) -> dict:
     return named_parameters(trainer.model)
 
 
-def layouts(steps: int = 10) -> dict:
+LAYOUT_STEPS, LAYOUT_EVAL = 6, 3  # the layout comparisons: 6 iterations, validation after 3 and 6
+
+
+def layout_config(**layout) -> AllConfig:
+    """The run every layout of test_training.py repeats (and the single process it is compared with)."""
+    return make_config(steps=LAYOUT_STEPS, eval_interval=LAYOUT_EVAL, **layout)
+
+
+def layouts() -> dict:
     """Every layout a 2-rank job can run: DP=2, TP=2, TP=2 with sequence parallel, PP=2, PP=2 x VPP=2; a
     PP=2 run stopped, saved per stage and resumed; DP=2 (also with the distributed optimizer) and PP=2 with
     the per-token loss."""
-    return {"dp2": train(make_config(steps=steps)),
-            "tp2": train(make_config(tp=2, steps=steps)),
-            "tp2_sp": train(make_config(tp=2, sp=True, steps=steps)),
-            "pp2": train(make_config(pp=2, steps=steps)),
-            "pp2_vpp2": train(make_config(pp=2, vpp=2, steps=steps)),
-            "pp2_resume": resume(steps=8, save_at=4, pp=2),
+    return {"dp2": train(layout_config()),
+            "tp2": train(layout_config(tp=2)),
+            "tp2_sp": train(layout_config(tp=2, sp=True)),
+            "pp2": train(layout_config(pp=2)),
+            "pp2_vpp2": train(layout_config(pp=2, vpp=2)),
+            "pp2_resume": resume(steps=4, save_at=2, pp=2),
             "dp2_per_token": train(per_token_config()),
             "dp2_per_token_distopt": train(per_token_config(use_distributed_optimizer=True)),
             "pp2_per_token": train(per_token_config(pp=2))}
@@ -104,15 +112,15 @@ def per_token_config(**layout) -> AllConfig:
                        dataset_options={"eod_mask_loss": True}, **layout)
 
 
-def layouts_3(steps: int = 10) -> dict:
+def layouts_3() -> dict:
     """PP=3 with Megatron's uneven per-stage layer list."""
-    return {"pp3_uneven": train(make_config(pp=3, num_layer_list=[2, 1, 1], steps=steps))}
+    return {"pp3_uneven": train(layout_config(pp=3, num_layer_list=[2, 1, 1]))}
 
 
-def layouts_4(steps: int = 10) -> dict:
+def layouts_4() -> dict:
     """PP=4 (one layer per stage) and PP=2 x DP=2."""
-    return {"pp4": train(make_config(pp=4, steps=steps)),
-            "pp2_dp2": train(make_config(pp=2, steps=steps))}
+    return {"pp4": train(layout_config(pp=4)),
+            "pp2_dp2": train(layout_config(pp=2))}
 
 
 def resume(steps: int = 20, save_at: int = 10, **layout) -> dict:
