@@ -10,7 +10,6 @@ import pytest
 
 from multiproc import run_on_ranks
 from workers import ddp_checks
-from workers import training_checks as tc
 
 STEPS = ddp_checks.STEPS
 
