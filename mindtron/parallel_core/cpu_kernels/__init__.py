@@ -141,9 +141,11 @@ def blas_enabled(dtype=ms.float32) -> bool:
     """Whether the matrix products run through a BLAS here (the kernels are enabled and blas_library() loaded)."""
     if not enabled(dtype):
         return False
-    if not ctypes.CDLL(library()).BlasAvailable():
+    kernels = ctypes.CDLL(library())
+    if not kernels.BlasAvailable():
+        kernels.BlasPath.restype = ctypes.c_char_p  # the path built in, not what the environment says now
         logger.warning("the BLAS %s could not be loaded: the matrix products use MindSpore's MatMul (slower)",
-                       blas_library())
+                       kernels.BlasPath().decode() or "(none found at build time)")
         return False
     return True
 

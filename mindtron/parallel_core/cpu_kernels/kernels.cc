@@ -628,6 +628,15 @@ int AttentionBackward(int, void **params, int *, int64_t **shapes, const char **
 // 1 when the BLAS loaded (the Python side checks before using the products below).
 int BlasAvailable() { return blas().sgemm64 != nullptr || blas().sgemm32 != nullptr ? 1 : 0; }
 
+// The BLAS this library was built to load (its path; empty when built without one), for messages.
+const char *BlasPath() {
+#ifdef MINDTRON_BLAS
+  return MINDTRON_BLAS;
+#else
+  return "";
+#endif
+}
+
 // A linear layer's products, the rows of x being all its leading dimensions:
 // y [..., out] = x [..., in] w^T with w [out, in]
 int LinearForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
