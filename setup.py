@@ -9,7 +9,7 @@ setup(
     description="Megatron-compatible parallel training for MindSpore in dynamic-graph (PyNative) mode",
     packages=find_packages(include=["mindtron", "mindtron.*"]),
     # Megatron-LM core_r0.19.0's flag table (mindtron/training/megatron_flags.py reads it)
-    # and the fused CPU kernels' C++ source, compiled on first use (mindtron/parallel_core/cpu_kernels)
+    # and the C++ sources compiled on first use: the fused CPU kernels and the exit guard (parallel_core/cpu_kernels)
     package_data={"mindtron.training": ["megatron_flags_core_r0.19.tsv"],
                   "mindtron.parallel_core.cpu_kernels": ["kernels.cc", "teardown_guard.cc"]},
     python_requires=">=3.9",
