@@ -253,6 +253,73 @@ def test_bias_add(compiled, rows):
         _close(g.asnumpy(), w.asnumpy())
 
 
+# a norm weight, a bias, and matrices of sizes that cut into a partial last block (16384 elements a block)
+STAT_SHAPES = [(77,), (1,), (300, 131), (16384,), (2, 16385)]
+
+
+def test_gradient_stats_over_many_tensors():
+    """One call over all gradients: the finite check finds a single inf or nan in any tensor and block, the
+    square sum equals float64 numpy's, the clipping scale is x * c in float32 for every tensor."""
+    stats = cpu_kernels.gradient_stats()
+    values = [RNG.standard_normal(s).astype(np.float32) for s in STAT_SHAPES]
+    grads = [Tensor(v) for v in values]
+    assert stats.all_finite(*grads).asnumpy()[0] == 1.0
+    assert stats.all_finite(grads[0]).asnumpy()[0] == 1.0
+    for tensor, flat_index in [(0, 76), (2, 300 * 131 - 1), (3, 0), (4, 16384), (4, 2 * 16385 - 1)]:
+        for bad in (np.inf, -np.inf, np.nan):
+            broken = values[tensor].copy()
+            broken.reshape(-1)[flat_index] = bad
+            args = grads[:tensor] + [Tensor(broken)] + grads[tensor + 1:]
+            assert stats.all_finite(*args).asnumpy()[0] == 0.0, (tensor, flat_index, bad)
+    want = sum(float((v.astype(np.float64) ** 2).sum()) for v in values)
+    assert stats.square_sum(*grads).asnumpy()[0] == pytest.approx(want, rel=1e-6)
+    coeff = np.float32(0.37)
+    scaled = stats.scale(grads, Tensor(np.array([coeff], np.float32)))
+    assert len(scaled) == len(grads)
+    for out, v in zip(scaled, values):
+        assert out.shape == v.shape and np.array_equal(out.asnumpy(), v * coeff)
+    (single,) = stats.scale(grads[2:3], Tensor(np.array([coeff], np.float32)))
+    assert np.array_equal(single.asnumpy(), values[2] * coeff)
+
+
+def _times_one(x):
+    return x * 1.0
+
+
+def test_adamw_step_updates_in_place_like_torch():
+    """Three steps of the in-place AdamW kernel on Parameters against float64 AdamW (torch's formula): the
+    parameters and both moments change in place, agree to fp32 rounding, and later ops (eager and compiled)
+    read the new values."""
+    step = cpu_kernels.adamw_step()
+    params = [ms.Parameter(Tensor(RNG.standard_normal(s).astype(np.float32)), name=f"p{i}")
+              for i, s in enumerate(STAT_SHAPES)]
+    exp_avg = [ms.Parameter(Tensor(np.zeros(s, np.float32)), name=f"m{i}") for i, s in enumerate(STAT_SHAPES)]
+    exp_avg_sq = [ms.Parameter(Tensor(np.zeros(s, np.float32)), name=f"v{i}") for i, s in enumerate(STAT_SHAPES)]
+    ref = [p.asnumpy().astype(np.float64) for p in params]
+    m = [np.zeros(s) for s in STAT_SHAPES]
+    v = [np.zeros(s) for s in STAT_SHAPES]
+    lr, wd, beta1, beta2, eps = 0.01, 0.1, 0.9, 0.95, 1e-8
+    for t in (1, 2, 3):
+        grads = [RNG.standard_normal(s).astype(np.float32) for s in STAT_SHAPES]
+        step.step(params, [Tensor(g) for g in grads], exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps, t)
+        for i, g in enumerate(grads):
+            g = g.astype(np.float64)
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            ref[i] = ref[i] * (1 - lr * wd) - lr / (1 - beta1 ** t) * m[i] / (np.sqrt(v[i]) / np.sqrt(1 - beta2 ** t) + eps)
+    for i in range(len(STAT_SHAPES)):
+        _close(params[i].asnumpy(), ref[i], rtol=1e-6)
+        _close(exp_avg[i].asnumpy(), m[i], rtol=1e-6)
+        _close(exp_avg_sq[i].asnumpy(), v[i], rtol=1e-6)
+    _close((params[2] * 1.0).asnumpy(), ref[2], rtol=1e-6)
+    _close(ms.jit(_times_one)(params[2]).asnumpy(), ref[2], rtol=1e-6)
+    # a view would reach the kernel as a copy and lose the update: refused
+    view = Tensor(np.zeros(10, np.float32))[2:7]
+    zeros = [Tensor(np.zeros(5, np.float32)) for _ in range(3)]
+    with pytest.raises(ValueError, match="view"):
+        step.step([view], zeros[:1], zeros[1:2], zeros[2:], lr, wd, beta1, beta2, eps, 1)
+
+
 @pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="no BLAS could be loaded here")
 def test_empty_rows():
     """An expert that received no tokens: zero rows in, zero rows out, zero weight and bias gradients."""

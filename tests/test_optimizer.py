@@ -156,35 +156,41 @@ def test_adamw_two_steps_match_numpy():
 
 
 def test_fused_adamw_kernel_follows_megatrons_adamw_over_many_steps():
-    """The fused AdamWeightDecay path (the default) against numpy's bias-corrected AdamW and against MindSpore's
-    composite AdamW (fused=False) over 30 steps with lr and weight decay changing every step (as a scheduler
-    does): equal to fp32 rounding; at step 1 the bias correction is largest (1 - 0.95 = 0.05)."""
+    """The fused paths against numpy's bias-corrected AdamW and against MindSpore's composite AdamW (fused=False)
+    over 30 steps with lr and weight decay changing every step (as a scheduler does): mindtron's in-place CPU
+    kernel (the default on CPU) and MindSpore's AdamWeightDecay with rescaled hyper-parameters (the fused path
+    elsewhere). Equal to fp32 rounding; at step 1 the bias correction is largest (1 - 0.95 = 0.05)."""
+    from mindtron.parallel_core import cpu_kernels
     from mindtron.parallel_core.optimizer.optimizer import MegatronAdamW, fused_adamw_hyperparameters
 
     cfg = OptimizerConfig(learning_rate=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-    fused_params, plain_params = make_params(), make_params()
+    fused_params, ms_kernel_params, plain_params = make_params(), make_params(), make_params()
     fused = get_megatron_optimizer(cfg, fused_params)
+    ms_kernel = get_megatron_optimizer(cfg, ms_kernel_params)
     plain = get_megatron_optimizer(cfg, plain_params)
     assert isinstance(fused, MegatronAdamW) and fused.fused
+    assert (fused._cpu_step is not None) == cpu_kernels.enabled()
+    ms_kernel._cpu_step = None
     plain.fused = False
     ref = [v.astype(np.float64) for v in values(fused_params)]
     m = [np.zeros_like(r) for r in ref]
     s = [np.zeros_like(r) for r in ref]
     for t in range(1, 31):
         lr, wd = 0.01 * (1 + 0.1 * math.sin(t)), 0.1 * t / 30
-        for opt in (fused, plain):
+        for opt in (fused, ms_kernel, plain):
             for group in opt.param_groups:
                 group["lr"], group["weight_decay"] = lr, wd * group["wd_mult"]
         grads = make_grads(fused_params, t)
-        fused(grads)
-        plain(grads)
+        for opt in (fused, ms_kernel, plain):
+            opt(grads)
         for i, p in enumerate(fused_params):
             decay = 0.0 if p.name.endswith(".bias") or len(p.shape) == 1 else wd
             ref[i], m[i], s[i] = numpy_adamw(ref[i], grads[i].asnumpy().astype(np.float64), m[i], s[i], t,
                                              lr, decay, 0.9, 0.95, 1e-8)
-    for p, q, r in zip(fused_params, plain_params, ref):
-        assert rel(p.asnumpy(), r) < 1e-6, p.name
-        assert rel(p.asnumpy(), q.asnumpy()) < 1e-6, p.name
+    for p, k, q, r in zip(fused_params, ms_kernel_params, plain_params, ref):
+        for got in (p, k):
+            assert rel(got.asnumpy(), r) < 1e-6, p.name
+            assert rel(got.asnumpy(), q.asnumpy()) < 1e-6, p.name
     # the rescaled hyper-parameters reproduce the bias-corrected update exactly in float64
     lr_k, eps_k, wd_k = fused_adamw_hyperparameters(0.01, 0.1, 0.9, 0.95, 1e-8, 3)
     p0, g_m, g_v = 1.5, 0.2, 0.03

@@ -195,20 +195,56 @@ class MaskedSoftmax(nn.Cell):
 
 
 class GradientStats(nn.Cell):
-    """One pass over an fp32 gradient each: `all_finite(g)` -> [1] (1.0 when no inf/nan, else 0.0),
-    `square_sum(g)` -> [1] (sum of g^2, accumulated in float64), `scale(g, c)` -> g * c (c [1])."""
+    """One threaded pass over many fp32 gradients at once (each a single op call, however many tensors):
+    `all_finite(*grads)` -> [1] (1.0 when no element is inf/nan, else 0.0), `square_sum(*grads)` -> [1] (the
+    sum of all g^2, accumulated in float64), `scale(*grads, c)` -> a tuple of g * c (c [1])."""
 
     def __init__(self):
         super().__init__()
-        self.all_finite = _kernel("AllFinite", lambda g: [1], lambda g: g)
-        self.square_sum = _kernel("SquareSum", lambda g: [1], lambda g: g)
-        self.scale = _kernel("Scale", lambda g, c: g, lambda g, c: g)
+        self.all_finite = _kernel("AllFinite", lambda *g: [1], lambda *g: g[0])
+        self.square_sum = _kernel("SquareSum", lambda *g: [1], lambda *g: g[0])
+        self._scale = _kernel("Scale", lambda *g: [list(s) for s in g[:-1]], lambda *g: list(g[:-1]))
+
+    def scale(self, grads, coeff: Tensor) -> tuple:
+        out = self._scale(*grads, coeff)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 @functools.lru_cache(maxsize=None)
 def gradient_stats() -> Optional[GradientStats]:
     """The shared GradientStats kernels where they run (CPU, library built), else None."""
     return GradientStats() if enabled() else None
+
+
+class AdamWStep(nn.Cell):
+    """torch.optim.AdamW's update of fp32 parameters and their moments, in place and in one threaded pass
+    over all of them: `step(params, grads, exp_avgs, exp_avg_sqs, lr, weight_decay, beta1, beta2, eps,
+    step)` with `step` counted from 1. The tensors must be the optimizer's own Parameters (they are
+    written through; MindSpore sees one dummy output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = _kernel("AdamWStep", lambda *s: [1], lambda *t: t[0])
+
+    def step(self, params, grads, exp_avgs, exp_avg_sqs, lr: float, weight_decay: float, beta1: float,
+             beta2: float, eps: float, step: int) -> None:
+        if not params:
+            return
+        written = (*params, *exp_avgs, *exp_avg_sqs)
+        if any(t.dtype != ms.float32 or t.storage_offset() or not t.is_contiguous() for t in written):
+            # MindSpore would hand the kernel a copy of such a tensor, and the update would be lost
+            raise ValueError("AdamWStep updates fp32 tensors that own their memory; got a view or another dtype")
+        grads = [g if g.dtype == ms.float32 else g.astype(ms.float32) for g in grads]
+        # the scalars as torch computes them (in double, applied in float32)
+        hyper = np.array([1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2,
+                          (1.0 - beta2 ** step) ** 0.5, eps, -lr / (1.0 - beta1 ** step)], np.float32)
+        self.kernel(*params, *grads, *exp_avgs, *exp_avg_sqs, Tensor(hyper))
+
+
+@functools.lru_cache(maxsize=None)
+def adamw_step() -> Optional[AdamWStep]:
+    """The in-place AdamW kernel where it runs (CPU, library built), else None."""
+    return AdamWStep() if enabled() else None
 
 
 class Attention(nn.Cell):

@@ -107,6 +107,26 @@ struct MaskRows {
   }
 };
 
+// The elements of tensors 0 .. n-1 taken as one sequence cut into blocks of at most kBlock, so that a
+// threaded loop over the blocks shares tensors of any sizes evenly among the threads.
+struct TensorBlocks {
+  static constexpr int64_t kBlock = 1 << 14;
+  struct Block {
+    int tensor;
+    int64_t start, size;
+  };
+  std::vector<Block> list;
+  int64_t total = 0;
+  TensorBlocks(int n, const int *ndims, int64_t *const *shapes) {
+    for (int k = 0; k < n; ++k) {
+      const int64_t size = numel(ndims[k], shapes[k]);
+      total += size;
+      for (int64_t start = 0; start < size; start += kBlock) list.push_back({k, start, std::min(kBlock, size - start)});
+    }
+  }
+  int64_t count() const { return static_cast<int64_t>(list.size()); }
+};
+
 }  // namespace
 
 extern "C" {
@@ -235,40 +255,92 @@ int CrossEntropyBackward(int, void **params, int *, int64_t **shapes, const char
   return 0;
 }
 
-// ---- gradient statistics and clipping, one threaded pass over a gradient each
+// ---- gradient statistics, clipping and the optimizer step, over many tensors at once
 
-// ok [1] = 1 when every element of x is finite, else 0 (an exponent of all ones is inf or nan)
-int AllFinite(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const uint32_t *x = static_cast<const uint32_t *>(params[0]);
-  float *ok = static_cast<float *>(params[1]);
-  const int64_t n = numel(ndims[0], shapes[0]);
+// ok [1] = 1 when every element of every input is finite, else 0 (an exponent of all ones is inf or nan);
+// inputs params[0 .. nparam - 1), the output last.
+int AllFinite(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const TensorBlocks blocks(nparam - 1, ndims, shapes);
+  const int64_t count = blocks.count();
   uint32_t bad = 0;
-#pragma omp parallel for simd reduction(| : bad) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((x[i] & 0x7f800000u) == 0x7f800000u);
-  ok[0] = bad != 0 ? 0.0f : 1.0f;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (blocks.total >= kParallelMin)
+  for (int64_t b = 0; b < count; ++b) {
+    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+    const uint32_t *x = static_cast<const uint32_t *>(params[block.tensor]) + block.start;
+    uint32_t found = 0;
+#pragma omp simd reduction(| : found)
+    for (int64_t i = 0; i < block.size; ++i) found |= static_cast<uint32_t>((x[i] & 0x7f800000u) == 0x7f800000u);
+    bad |= found;
+  }
+  static_cast<float *>(params[nparam - 1])[0] = bad != 0 ? 0.0f : 1.0f;
   return 0;
 }
 
-// total [1] = sum of x^2, accumulated in double
-int SquareSum(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  float *total = static_cast<float *>(params[1]);
-  const int64_t n = numel(ndims[0], shapes[0]);
-  double sum = 0.0;
-#pragma omp parallel for simd reduction(+ : sum) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
-  total[0] = static_cast<float>(sum);
+// total [1] = sum of x^2 over every element of every input, accumulated in double per block and the blocks
+// added in order (the same bits for any thread count); inputs params[0 .. nparam - 1), the output last.
+int SquareSum(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const TensorBlocks blocks(nparam - 1, ndims, shapes);
+  const int64_t count = blocks.count();
+  std::vector<double> partial(static_cast<size_t>(count), 0.0);
+#pragma omp parallel for schedule(static) if (blocks.total >= kParallelMin)
+  for (int64_t b = 0; b < count; ++b) {
+    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+    const float *x = static_cast<const float *>(params[block.tensor]) + block.start;
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < block.size; ++i) sum += static_cast<double>(x[i]) * x[i];
+    partial[static_cast<size_t>(b)] = sum;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  static_cast<float *>(params[nparam - 1])[0] = static_cast<float>(total);
   return 0;
 }
 
-// y = x * c with c [1] (gradient clipping)
-int Scale(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float c = *static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * c;
+// One AdamW step in place over n parameters, with torch.optim.AdamW's arithmetic (Megatron's "adam"):
+// inputs p[0..n), g[0..n), m[0..n), v[0..n), then h [7] = (1 - lr wd, 1 - beta1, beta2, 1 - beta2,
+// sqrt(1 - beta2^t), eps, -lr / (1 - beta1^t)) in float32; the one output [1] is a dummy. The parameters
+// and both moments are overwritten, which MindSpore does not see: pass the tensors that are to change.
+int AdamWStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int n = (nparam - 2) / 4;
+  const float *h = static_cast<const float *>(params[4 * n]);
+  const float decay = h[0], one_minus_beta1 = h[1], beta2 = h[2], one_minus_beta2 = h[3];
+  const float bias_correction2_sqrt = h[4], eps = h[5], neg_step_size = h[6];
+  const TensorBlocks blocks(n, ndims, shapes);
+  const int64_t count = blocks.count();
+#pragma omp parallel for schedule(static) if (blocks.total >= kParallelMin)
+  for (int64_t b = 0; b < count; ++b) {
+    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+    const int k = block.tensor;
+    float *p = static_cast<float *>(params[k]) + block.start;
+    const float *g = static_cast<const float *>(params[n + k]) + block.start;
+    float *m = static_cast<float *>(params[2 * n + k]) + block.start;
+    float *v = static_cast<float *>(params[3 * n + k]) + block.start;
+#pragma omp simd
+    for (int64_t i = 0; i < block.size; ++i) {
+      m[i] = m[i] + one_minus_beta1 * (g[i] - m[i]);  // torch's lerp
+      v[i] = v[i] * beta2 + one_minus_beta2 * g[i] * g[i];
+      p[i] = p[i] * decay + neg_step_size * (m[i] / (std::sqrt(v[i]) / bias_correction2_sqrt + eps));
+    }
+  }
+  static_cast<float *>(params[nparam - 1])[0] = 1.0f;
+  return 0;
+}
+
+// y[k] = x[k] * c for every input x[0..n) (gradient clipping): inputs x[0..n), c [1], then the outputs
+int Scale(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int n = (nparam - 1) / 2;
+  const float c = *static_cast<const float *>(params[n]);
+  const TensorBlocks blocks(n, ndims, shapes);
+  const int64_t count = blocks.count();
+#pragma omp parallel for schedule(static) if (blocks.total >= kParallelMin)
+  for (int64_t b = 0; b < count; ++b) {
+    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+    const float *x = static_cast<const float *>(params[block.tensor]) + block.start;
+    float *y = static_cast<float *>(params[n + 1 + block.tensor]) + block.start;
+#pragma omp simd
+    for (int64_t i = 0; i < block.size; ++i) y[i] = x[i] * c;
+  }
   return 0;
 }
 

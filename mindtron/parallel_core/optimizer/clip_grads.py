@@ -39,27 +39,16 @@ SHARED_HEAD_NAME = "word_embeddings_for_head.weight"
 
 
 # One compiled call over all gradients instead of a Python loop of small ops per parameter (and, for the
-# norm, no concatenated copy of every gradient).
+# norm, no concatenated copy of every gradient); on CPU one fused kernel call over all fp32 gradients
+# (cpu_kernels.GradientStats) instead.
 _map = ops.HyperMap()
 _square_sum = ops.MultitypeFuncGraph("mindtron_square_sum")
 _abs_max = ops.MultitypeFuncGraph("mindtron_abs_max")
 _scale = ops.MultitypeFuncGraph("mindtron_scale")
 
 
-# cpu_kernels.GradientStats where the fused CPU kernels run (one threaded pass per fp32 gradient instead of
-# MindSpore's Mul and ReduceSum); bound before the first compile by _bind_kernels.
-_stats = None
-
-
-def _bind_kernels():
-    global _stats
-    _stats = cpu_kernels.gradient_stats()
-
-
 @_square_sum.register("Tensor")
 def _square_sum_one(g):
-    if _stats is not None and g.dtype == ms.float32:
-        return _stats.square_sum(g).reshape(())
     g = g.reshape(-1).astype(ms.float32)  # 1-D: MindSpore's CPU reductions over all axes of a 2-D tensor are slow
     return ops.reduce_sum(g * g)
 
@@ -71,8 +60,6 @@ def _abs_max_one(g):
 
 @_scale.register("Tensor", "Tensor")
 def _scale_one(coeff, g):
-    if _stats is not None and g.dtype == ms.float32:
-        return _stats.scale(g, coeff.reshape(1))
     return g * coeff.astype(g.dtype)
 
 
@@ -89,6 +76,12 @@ def _max_of_abs(grads):
 @jit
 def _scale_all(grads, coeff):
     return _map(ops.partial(_scale, coeff), grads)
+
+
+def _fp32_kernels(grads: Sequence[Tensor]):
+    """cpu_kernels.GradientStats when it can take all of `grads` (CPU, library built, all fp32), else None."""
+    stats = cpu_kernels.gradient_stats()
+    return stats if stats is not None and all(g.dtype == ms.float32 for g in grads) else None
 
 
 def param_is_not_tensor_parallel_duplicate(param: Parameter, tp_rank: int) -> bool:
@@ -191,9 +184,13 @@ def get_grad_norm(params: Sequence[Parameter], grads: Sequence[Tensor],
 def _local_stat(counted: List[Tensor], norm_type: float) -> Tensor:
     if not counted:
         return ops.zeros((1,), ms.float32)
-    counted = ms.mutable(tuple(counted))  # a variable input: the compiled reduction is reused every step
-    _bind_kernels()
-    return (_max_of_abs(counted) if math.isinf(norm_type) else _sum_of_squares(counted)).reshape(1)
+    if math.isinf(norm_type):
+        return _max_of_abs(ms.mutable(tuple(counted))).reshape(1)
+    stats = _fp32_kernels(counted)
+    if stats is not None:
+        return stats.square_sum(*counted)
+    # a variable input: the compiled reduction is reused every step
+    return _sum_of_squares(ms.mutable(tuple(counted))).reshape(1)
 
 
 def _reduced(local: Tensor, group: Optional[ProcessGroup], op: str) -> float:
@@ -214,8 +211,12 @@ def clip_grad_by_total_norm(grads: Sequence[Tensor], max_norm: float, total_norm
     if not coeff < 1.0:
         return list(grads)
     present = [i for i, g in enumerate(grads) if g is not None]
-    _bind_kernels()
-    scaled = _scale_all(ms.mutable(tuple(grads[i] for i in present)), Tensor(np.asarray(coeff, np.float32)))
+    kept = [grads[i] for i in present]
+    stats = _fp32_kernels(kept)
+    if stats is not None:
+        scaled = stats.scale(kept, Tensor(np.array([coeff], np.float32)))
+    else:
+        scaled = _scale_all(ms.mutable(tuple(kept)), Tensor(np.asarray(coeff, np.float32)))
     out = list(grads)
     for i, g in zip(present, scaled):
         out[i] = g
