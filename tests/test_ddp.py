@@ -171,3 +171,32 @@ def test_expert_parameters_reduce_over_the_expert_data_parallel_group(launches):
         # summed over its 2 ranks, divided by the data-parallel size 4 (an expert's gradient already holds the
         # tokens of its expert-parallel peers): Megatron's expert_gradient_scaling_factor = 1 / dp
         np.testing.assert_allclose(result["expert"], np.full((3,), np.sum(group) / 4))
+
+
+def test_one_process_keeps_gradients_per_parameter():
+    """With no collective to feed (one process), a bucket skips the flat buffer: gradients stay one tensor per
+    parameter, micro-batches add up, and --check-for-nan-in-loss-and-grad still names the parameter."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from mindtron.parallel_core import parallel_state as ps
+    from mindtron.parallel_core.distributed import GradBuffer, GradBufferConfig
+
+    ps.initialize_model_parallel(1, 1)
+    try:
+        params = [ms.Parameter(Tensor(np.zeros((4, 3), np.float32)), name="layer.weight"),
+                  ms.Parameter(Tensor(np.zeros((3,), np.float32)), name="layer.bias")]
+        buffer = GradBuffer(params, [0, 0], GradBufferConfig(check_for_nan=True))
+        first = [np.arange(12, dtype=np.float32).reshape(4, 3), np.array([1.0, 2.0, 3.0], np.float32)]
+        second = [np.full((4, 3), 0.5, np.float32), np.array([-1.0, 0.25, 4.0], np.float32)]
+        for grads in (first, second):
+            buffer.add(0, [Tensor(g) for g in grads])
+        buffer.finish()
+        assert all(b.data is None and b.parts is not None for b in buffer.buckets)
+        for got, a, b in zip(buffer.grads(), first, second):
+            assert got.shape == a.shape and np.array_equal(got.asnumpy(), a + b)
+        buffer.reset()
+        buffer.add(0, [Tensor(first[0]), Tensor(np.array([1.0, np.nan, 1.0], np.float32))])
+        with pytest.raises(RuntimeError, match="rank 0.*layer.bias"):
+            buffer.finish()
+    finally:
+        ps.destroy_model_parallel()

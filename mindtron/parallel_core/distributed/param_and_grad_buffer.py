@@ -17,10 +17,12 @@ parallel) whatever its group, as Megatron's DDP scales them: an expert's gradien
 of all the data ranks of its expert-parallel group, so averaging over the global batch means dividing by
 the whole data-parallel size, not by the expert-data-parallel group's.
 
-No views. A slice of a MindSpore tensor on CPU is a copy, so a bucket never hands out views into its
-buffer: each micro-batch's gradients are concatenated into the bucket's flat buffer (one add per bucket,
-not per parameter), the flat buffer is reduced in one message, and the reduced gradients are split out
-once per step. Where views exist the same layout lets the split be free.
+No views. A slice of a MindSpore 2.10 tensor is a lazy view that every kernel consuming it copies again
+(mindtron's CPU kernels included), so a bucket never hands out views into its buffer: each micro-batch's
+gradients are concatenated into the bucket's flat buffer (one add per bucket, not per parameter), the flat
+buffer is reduced in one message, and the reduced gradients are split out and made contiguous once per
+step. A bucket that no collective touches (one process; a data-parallel group of one with nothing shared
+over tensor or pipeline ranks) skips the flat buffer: its gradients stay one tensor per parameter.
 
 Overlap. With `overlap_grad_reduce`, a bucket's reduction is issued as soon as its model chunk has
 received its last micro-batch's gradients (with virtual pipeline stages, earlier chunks finish first);
@@ -35,7 +37,7 @@ reduce-scattered: data-parallel rank r keeps elements [r * S, (r + 1) * S) of ev
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -78,6 +80,7 @@ class Bucket:
     kind: str
     chunk: int
     data: Optional[Tensor] = None      # accumulated gradients (flat, padded_numel), None before the first add
+    parts: Optional[List[Tensor]] = None  # instead of data when no collective touches the bucket: per parameter
     reduced: bool = False
     shard: Optional[Tensor] = None     # this rank's reduced slice (distributed optimizer)
 
@@ -159,7 +162,7 @@ class GradBuffer:
     def reset(self) -> None:
         """Forget the previous step's gradients (Megatron's zero_grad_buffer)."""
         for b in self.buckets:
-            b.data, b.shard, b.reduced = None, None, False
+            b.data, b.parts, b.shard, b.reduced = None, None, None, False
         self._delayed.clear()
         self._nonfinite = []
 
@@ -173,11 +176,26 @@ class GradBuffer:
         for b in self.buckets:
             if b.chunk != chunk:
                 continue
+            if self._stays_local(b):
+                grads_here = [by_index[i].astype(b.dtype) for i in b.indices]
+                b.parts = grads_here if b.parts is None else [a + g for a, g in zip(b.parts, grads_here)]
+                continue
             pieces = [by_index[i].reshape(-1).astype(b.dtype) for i in b.indices]
             if b.padded_numel > b.numel:
                 pieces.append(ops.zeros((b.padded_numel - b.numel,), b.dtype))
             flat = ops.concat(pieces) if len(pieces) > 1 else pieces[0]
             b.data = flat if b.data is None else b.data + flat
+
+    def _stays_local(self, b: Bucket) -> bool:
+        """Whether no collective touches bucket `b`'s gradients (so they need no flat buffer)."""
+        if self.config.shard or b.group.size > 1:
+            return False
+        if b.kind == "sp":
+            return ps.get_tensor_model_parallel_world_size() == 1
+        if b.kind == "embedding":
+            group = ps.get_embedding_group()
+            return group is None or group.size == 1
+        return True
 
     def chunk_done(self, chunk: int) -> None:
         """Model chunk `chunk` got its last micro-batch's gradients: with overlap, reduce its buckets now
@@ -213,18 +231,22 @@ class GradBuffer:
 
     # ---- reduction ----------------------------------------------------------------------------------
     def _reduce(self, b: Bucket) -> None:
-        if b.data is None:
+        if b.data is None and b.parts is None:
             raise RuntimeError("a gradient bucket is reduced before any gradient was added to it")
         if self.config.check_for_nan:
             self._check_finite(b)
+        # every gradient is divided by the data-parallel size (x cp), experts' too (see the module docstring);
+        # with --calculate-per-token-loss (average False) they are only summed
+        size = ps.get_data_parallel_world_size(with_context_parallel=True) if self.config.average else 1
+        if b.parts is not None:
+            b.parts = [g / size for g in b.parts] if size > 1 else b.parts
+            b.reduced = True
+            return
         data = b.data
         if b.kind == "sp":
             data = comm.all_reduce(data, ps.get_tensor_model_parallel_group())
         elif b.kind == "embedding" and ps.is_rank_in_embedding_group(ignore_virtual=True):
             data = comm.all_reduce(data, ps.get_embedding_group())
-        # every gradient is divided by the data-parallel size (x cp), experts' too (see the module docstring);
-        # with --calculate-per-token-loss (average False) they are only summed
-        size = ps.get_data_parallel_world_size(with_context_parallel=True) if self.config.average else 1
         if self.config.shard:
             b.shard = comm.reduce_scatter(data, b.group) if b.group.size > 1 else data
             b.shard = b.shard / size if size > 1 else b.shard
@@ -236,6 +258,10 @@ class GradBuffer:
 
     def _check_finite(self, b: Bucket) -> None:
         # recorded, not raised: every rank must first learn that some rank found one (finish)
+        if b.parts is not None:
+            self._nonfinite += [self.params[i].name for i, g in zip(b.indices, b.parts)
+                                if not bool(ops.isfinite(g).all())]
+            return
         if bool(ops.isfinite(b.data).all()):
             return
         self._nonfinite += [self.params[i].name for i, off in zip(b.indices, b.offsets)
@@ -262,9 +288,13 @@ class GradBuffer:
             raise RuntimeError("with the distributed optimizer each rank holds gradient shards: use shards()")
         out: List[Optional[Tensor]] = [None] * len(self.params)
         for b in self.buckets:
+            if b.parts is not None:
+                for i, g in zip(b.indices, b.parts):
+                    out[i] = g
+                continue
             for i, off in zip(b.indices, b.offsets):
                 n = int(np.prod(self._shapes[i], dtype=np.int64))
-                out[i] = b.data[off:off + n].reshape(self._shapes[i])
+                out[i] = b.data[off:off + n].reshape(self._shapes[i]).contiguous()  # one copy, not one per use
         return out
 
     def shard_pieces(self, rank: Optional[int] = None) -> List[Tuple[int, Bucket, int, int, int]]:
