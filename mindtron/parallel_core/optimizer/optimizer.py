@@ -150,7 +150,7 @@ class MegatronAdamW(_MegatronOrder, AdamW):
     Call with a tuple of gradients aligned with `user_params` (the list it was built from).
 
     fp32 parameters are updated by a fused kernel: on CPU mindtron's (cpu_kernels.AdamWStep: torch's
-    arithmetic, one threaded pass over a whole parameter group, in place; the step about 15x faster than
+    arithmetic, one threaded pass over a whole parameter group, in place; the step about 4x faster than
     MindSpore's kernel there), elsewhere MindSpore's AdamWeightDecay (one op per parameter instead of a
     dozen), its hyper-parameters rescaled each step so that it computes Megatron's bias-corrected AdamW
     (`fused_adamw_hyperparameters`). `fused=False` (or amsgrad, or non-fp32 parameters) uses MindSpore's
