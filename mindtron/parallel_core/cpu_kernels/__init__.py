@@ -216,6 +216,12 @@ def gradient_stats() -> Optional[GradientStats]:
     return GradientStats() if enabled() else None
 
 
+def gradient_stats_for(tensors) -> Optional[GradientStats]:
+    """gradient_stats() when its kernels can take all of `tensors` (CPU, library built, all fp32), else None."""
+    stats = gradient_stats()
+    return stats if stats is not None and all(t.dtype == ms.float32 for t in tensors) else None
+
+
 class AdamWStep(nn.Cell):
     """torch.optim.AdamW's update of fp32 parameters and their moments, in place and in one threaded pass
     over all of them: `step(params, grads, exp_avgs, exp_avg_sqs, lr, weight_decay, beta1, beta2, eps,

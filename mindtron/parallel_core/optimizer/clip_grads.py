@@ -78,12 +78,6 @@ def _scale_all(grads, coeff):
     return _map(ops.partial(_scale, coeff), grads)
 
 
-def _fp32_kernels(grads: Sequence[Tensor]):
-    """cpu_kernels.GradientStats when it can take all of `grads` (CPU, library built, all fp32), else None."""
-    stats = cpu_kernels.gradient_stats()
-    return stats if stats is not None and all(g.dtype == ms.float32 for g in grads) else None
-
-
 def param_is_not_tensor_parallel_duplicate(param: Parameter, tp_rank: int) -> bool:
     """True when this rank's copy of `param` belongs in the norm: split over tp, or tp rank 0."""
     return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
@@ -186,7 +180,7 @@ def _local_stat(counted: List[Tensor], norm_type: float) -> Tensor:
         return ops.zeros((1,), ms.float32)
     if math.isinf(norm_type):
         return _max_of_abs(ms.mutable(tuple(counted))).reshape(1)
-    stats = _fp32_kernels(counted)
+    stats = cpu_kernels.gradient_stats_for(counted)
     if stats is not None:
         return stats.square_sum(*counted)
     # a variable input: the compiled reduction is reused every step
@@ -212,7 +206,7 @@ def clip_grad_by_total_norm(grads: Sequence[Tensor], max_norm: float, total_norm
         return list(grads)
     present = [i for i, g in enumerate(grads) if g is not None]
     kept = [grads[i] for i in present]
-    stats = _fp32_kernels(kept)
+    stats = cpu_kernels.gradient_stats_for(kept)
     if stats is not None:
         scaled = stats.scale(kept, Tensor(np.array([coeff], np.float32)))
     else:
