@@ -416,3 +416,28 @@ def test_a_blas_that_does_not_load_is_a_warning(monkeypatch, caplog):
         assert cpu_kernels.blas_enabled.__wrapped__() is False
     assert f"the BLAS {named or '(none found at build time)'} could not be loaded" in caplog.text
     assert "MatMul" in caplog.text
+
+
+@pytest.mark.skipif(not cpu_kernels.blas_enabled(), reason="no BLAS could be loaded here")
+def test_thread_count_is_set_by_mindtron_and_keeps_the_results():
+    """set_threads sizes every parallel region (msrun's OMP_NUM_THREADS=1 does not cap it); a split product
+    and the row-wise kernels agree across thread counts, and the square sum keeps its bits."""
+    before = cpu_kernels.threads()
+    x = RNG.standard_normal((300, 257)).astype(np.float32)
+    w = RNG.standard_normal((190, 257)).astype(np.float32)
+    grads = [_randn(70001), _randn(301, 257)]
+    results = {}
+    try:
+        for count in (1, 3):
+            assert cpu_kernels.set_threads(count) == count and cpu_kernels.threads() == count
+            out = np.zeros((300, 190), np.float32)
+            _product("LinearForward", x, w, out)  # 14.7M multiply-adds: split over the threads
+            norm = cpu_kernels.LayerNormRows(1e-5)(Tensor(x), Tensor(np.ones(257, np.float32)),
+                                                   Tensor(np.zeros(257, np.float32)))[0]
+            results[count] = (out, norm.asnumpy(), cpu_kernels.gradient_stats().square_sum(*grads).asnumpy())
+    finally:
+        cpu_kernels.set_threads(before)
+    one, three = results[1], results[3]
+    np.testing.assert_allclose(three[0], one[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(three[1], one[1], rtol=1e-6, atol=1e-6)
+    assert np.array_equal(three[2], one[2])

@@ -1,10 +1,12 @@
 """Process groups of parallel_core.parallel_state: Megatron's layout for worlds of 1, 2, 4 and 8, validation
 of sizes, and (through msrun) that every group a rank joins communicates among exactly those ranks."""
 import itertools
+import os
 
 import pytest
 
 from conftest import assert_all_close, worst_errors
+from mindtron.parallel_core import comm, cpu_kernels, runtime
 from mindtron.parallel_core import parallel_state as ps
 
 DENSE_KINDS = {"tp": {"tp"}, "pp": {"pp"}, "cp": {"cp"}, "dp": {"dp"}, "dp-cp": {"dp", "cp"},
@@ -124,9 +126,32 @@ def test_invalid_sizes_name_the_flag(world, kwargs, flag):
         ps.make_layout(world, **kwargs)
 
 
+@pytest.mark.parametrize("cores,processes,pp,want", [
+    (2, 1, 1, 2), (2, 2, 1, 1), (2, 2, 2, 2), (2, 4, 4, 1), (2, 4, 2, 1), (8, 2, 2, 8), (8, 4, 2, 4), (16, 4, 1, 4),
+    (16, 8, 4, 8), (3, 2, 1, 1)])
+def test_kernel_threads_follow_the_layout(monkeypatch, cores, processes, pp, want):
+    """A process's share of the host's cores; pipeline stages share their neighbours' cores unless the host
+    has more processes than cores."""
+    monkeypatch.delenv("MINDTRON_CPU_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(comm, "processes_on_this_host", lambda: processes)
+    assert runtime.cpu_kernel_threads(pp) == want
+
+
+def test_kernel_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MINDTRON_CPU_THREADS", "3")
+    assert runtime.cpu_kernel_threads(2) == 3
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("MINDTRON_CPU_THREADS", bad)
+        with pytest.raises(ValueError, match="MINDTRON_CPU_THREADS"):
+            runtime.cpu_kernel_threads()
+
+
 def test_world_of_one_without_launcher():
     ps.initialize_model_parallel()
     try:
+        if cpu_kernels.enabled() and "MINDTRON_CPU_THREADS" not in os.environ:
+            assert cpu_kernels.threads() == len(os.sched_getaffinity(0))  # one process: every core
         assert ps.get_tensor_model_parallel_world_size() == 1 and ps.get_tensor_model_parallel_rank() == 0
         assert ps.get_pipeline_model_parallel_world_size() == 1 and ps.is_pipeline_first_stage()
         assert ps.is_pipeline_last_stage() and ps.get_data_parallel_world_size() == 1
@@ -142,7 +167,7 @@ def test_world_of_one_without_launcher():
 
 def test_groups_communicate_on_2_ranks(foundation_2):
     errors = worst_errors(foundation_2, "state")
-    kinds = ["tp", "pp", "cp", "dp", "dp-cp", "ep", "expert-dp", "embedding", "tp_rank"]
+    kinds = ["tp", "pp", "cp", "dp", "dp-cp", "ep", "expert-dp", "embedding", "tp_rank", "kernel_threads"]
     assert_all_close(errors, 0.0, [f"state/{t}=2/{k}" for t in ("tensor", "pipeline", "context", "expert")
                                    for k in kinds])
 
@@ -150,4 +175,5 @@ def test_groups_communicate_on_2_ranks(foundation_2):
 def test_groups_communicate_on_4_ranks(foundation_4):
     errors = worst_errors(foundation_4, "state")
     assert_all_close(errors, 0.0, ["state/tensor=2,pipeline=2/tp-pp", "state/context=2,expert=2/expert-dp-cp",
-                                   "state/pipeline=4,virtual=2/embedding", "state/expert=4/ep"])
+                                   "state/pipeline=4,virtual=2/embedding", "state/expert=4/ep",
+                                   "state/pipeline=4,virtual=2/kernel_threads", "state/tensor=2/kernel_threads"])

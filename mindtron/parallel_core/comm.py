@@ -33,7 +33,7 @@ from mindspore.common import dtype as mstype
 
 __all__ = [
     "ProcessGroup", "Capabilities", "capabilities", "init_distributed", "is_distributed",
-    "get_world_size", "get_rank", "world_group", "new_group",
+    "get_world_size", "get_rank", "world_group", "new_group", "processes_on_this_host",
     "all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "barrier", "exchange",
     "Collective", "count_sent", "traffic", "reset_traffic",
 ]
@@ -143,6 +143,19 @@ def get_rank() -> int:
     """This process's global rank (0 without a launcher)."""
     init_distributed()
     return _state["rank"]
+
+
+@functools.lru_cache(maxsize=None)
+def processes_on_this_host() -> int:
+    """How many of the job's processes run on this machine (same host name), from one world all-gather."""
+    import socket
+    import zlib
+
+    if get_world_size() == 1:
+        return 1
+    mine = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+    hosts = all_gather(Tensor(np.array([mine], np.int32)), world_group()).asnumpy()
+    return int((hosts == mine).sum())
 
 
 def world_group() -> ProcessGroup:

@@ -21,6 +21,7 @@ import numpy as np
 
 from mindtron.parallel_core import comm
 from mindtron.parallel_core.comm import ProcessGroup
+from mindtron.parallel_core.runtime import size_cpu_kernel_threads
 
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
 _AXES = ("tp", "cp", "ep", "dp", "pp")
@@ -173,7 +174,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
                               expert_tensor_parallel_size: Optional[int] = None) -> ParallelLayout:
     """Build this rank's process groups (starting the communication backend if needed).
 
-    Works without a launcher as a world of one process. Sizes are checked before any group is made.
+    Works without a launcher as a world of one process. Sizes are checked before any group is made. On CPU it
+    also sizes mindtron's kernel threads for the layout (runtime.cpu_kernel_threads).
     """
     global _STATE
     if _STATE is not None:
@@ -193,6 +195,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     if virtual_pipeline_model_parallel_size is not None:
         state.virtual_rank, state.virtual_size = 0, virtual_pipeline_model_parallel_size
     _STATE = state
+    size_cpu_kernel_threads(pipeline_model_parallel_size)
     return layout
 
 

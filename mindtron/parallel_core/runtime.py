@@ -1,6 +1,7 @@
 """Process-wide MindSpore settings for dynamic-graph (PyNative) training."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import mindspore as ms
@@ -20,3 +21,37 @@ def init_runtime(device_target: Optional[str] = None) -> None:
     if ms.get_context("device_target") == "CPU":
         ms.set_context(pynative_synchronize=True)
     comm.init_distributed()
+
+
+def cpu_kernel_threads(pipeline_size: int = 1) -> int:
+    """How many threads mindtron's CPU kernels use in this process (cpu_kernels.set_threads).
+
+    MINDTRON_CPU_THREADS sets it outright. Otherwise each process gets its share of the cores it may run on:
+    cores / the job's processes on this host, at least 1. On a host with no more processes than cores, a
+    pipeline stage's share is multiplied by the pipeline size: stages wait for each other during part of
+    every step (the 1F1B bubble, the exchanges), and a stage that computes alone can use its waiting
+    neighbours' cores (bench/mindformers_layouts.py pp2 on 2 cores: 1.12-1.21 times faster). Once processes
+    outnumber cores, extra threads only slow every process down (measured with 4 ranks on 2 cores).
+    OMP_NUM_THREADS does not decide it: msrun sets that to 1 in every worker.
+    """
+    explicit = os.environ.get("MINDTRON_CPU_THREADS")
+    if explicit:
+        if not explicit.isdigit() or int(explicit) < 1:
+            raise ValueError(f"MINDTRON_CPU_THREADS={explicit!r}: give a whole number of threads, 1 or more "
+                             "(or unset it to size the kernels from the layout)")
+        return int(explicit)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = comm.processes_on_this_host()
+    if processes > cores:
+        return 1
+    return max(1, min(cores, cores * pipeline_size // processes))
+
+
+def size_cpu_kernel_threads(pipeline_size: int = 1) -> Optional[int]:
+    """Give the CPU kernels cpu_kernel_threads(pipeline_size) threads; returns the count (None off CPU or
+    without the kernels). parallel_state.initialize_model_parallel calls it once the layout is known."""
+    from mindtron.parallel_core import cpu_kernels
+
+    if not cpu_kernels.enabled():
+        return None
+    return cpu_kernels.set_threads(cpu_kernel_threads(pipeline_size))

@@ -10,7 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from mindtron.parallel_core import comm, parallel_state as ps
+from mindtron.parallel_core import comm, cpu_kernels, parallel_state as ps
 from mindtron.parallel_core.teardown import armed_at_exit
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.initialization import full_initial_value
@@ -137,6 +137,14 @@ def layouts_for(world: int):
             dict(expert_model_parallel_size=4)]
 
 
+def expected_kernel_threads(layout: dict) -> int:
+    """runtime.cpu_kernel_threads' rule with every rank on this machine (msrun sets OMP_NUM_THREADS=1)."""
+    cores, world = len(os.sched_getaffinity(0)), comm.get_world_size()
+    assert comm.processes_on_this_host() == world
+    pp = layout.get("pipeline_model_parallel_size", 1)
+    return 1 if world > cores else min(cores, cores * pp // world)
+
+
 def state_checks() -> dict:
     """For each layout, every group this rank joined communicates among exactly the expected ranks."""
     out, me = {}, comm.get_rank()
@@ -154,6 +162,7 @@ def state_checks() -> dict:
             ok = list(group.ranks) == member_of[0]
             total = comm.all_reduce(Tensor(np.array([me], np.float32)), group).asnumpy()[0]
             out[f"state/{tag}/{kind}"] = 0.0 if ok and total == sum(member_of[0]) else 1.0
+        out[f"state/{tag}/kernel_threads"] = abs(cpu_kernels.threads() - expected_kernel_threads(layout))
         tp_group = ps.get_tensor_model_parallel_group()
         out[f"state/{tag}/tp_rank"] = 0.0 if ps.get_tensor_model_parallel_rank() == tp_group.ranks.index(me) else 1.0
         ps.destroy_model_parallel()

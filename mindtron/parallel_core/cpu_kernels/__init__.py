@@ -150,6 +150,19 @@ def blas_enabled(dtype=ms.float32) -> bool:
     return True
 
 
+def set_threads(count: int) -> Optional[int]:
+    """Run the kernels' parallel regions on `count` threads (0: OpenMP's default); returns the count now in
+    force, or None when the kernels are not in use here."""
+    if not enabled():
+        return None
+    return int(ctypes.CDLL(library()).SetThreads(int(count)))
+
+
+def threads() -> Optional[int]:
+    """The threads the kernels' parallel regions use now (None when the kernels are not in use here)."""
+    return int(ctypes.CDLL(library()).Threads()) if enabled() else None
+
+
 def _kernel(name: str, out_shape, out_dtype):
     return ops.Custom(f"{library()}:{name}", out_shape, out_dtype, func_type="aot")
 

@@ -5,6 +5,7 @@
 // Calling convention of an aot kernel: params holds the inputs, then the outputs; shapes[i] / ndims[i]
 // describe params[i]. Return 0 on success.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +39,16 @@ constexpr float kCubic = 0.044715f;
 constexpr float kCubicSlope = 0.1070322243f;  // 3 * 0.044715 * sqrt(2 / pi)
 constexpr float kMaskedScore = -10000.0f;     // Megatron's masked attention score
 constexpr int64_t kParallelMin = 1 << 15;     // fewer elements than this: one thread (waking more costs more)
+
+// Threads of every parallel region here: SetThreads(n) from Python (cpu_kernels.set_threads), else OpenMP's
+// default. A setting of our own rather than OMP_NUM_THREADS, which libgomp reads once when MindSpore loads it
+// and which msrun sets to 1 for every worker.
+std::atomic<int> g_threads{0};
+
+int kernel_threads() {
+  const int set = g_threads.load(std::memory_order_relaxed);
+  return set > 0 ? set : omp_get_max_threads();
+}
 
 // exp(x) for the softmax, inlined so that it vectorizes: libmvec's expf leaves its vector path for every
 // lane that underflows, and masked scores (-10000) fill half of a causal softmax. Cody-Waite reduction
@@ -136,7 +147,7 @@ int GeluTanhForward(int, void **params, int *ndims, int64_t **shapes, const char
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for simd schedule(static) num_threads(kernel_threads()) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     y[i] = v * 0.5f * (1.0f + tanh_clamped(kSqrt2OverPi * v * (1.0f + kCubic * v * v)));
@@ -150,7 +161,7 @@ int GeluTanhBackward(int, void **params, int *ndims, int64_t **shapes, const cha
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t n = numel(ndims[0], shapes[0]);
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
+#pragma omp parallel for simd schedule(static) num_threads(kernel_threads()) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i], v2 = v * v;
     const float t = tanh_clamped(kSqrt2OverPi * v * (1.0f + kCubic * v2));
@@ -169,7 +180,7 @@ int MaskedSoftmaxForward(int, void **params, int *, int64_t **shapes, const char
   float *p = static_cast<float *>(params[3]);
   const MaskRows rows(shapes, 0, 1);
   const int64_t k = rows.sk, n_rows = shapes[0][0] * rows.heads * rows.sq;
-#pragma omp parallel for schedule(static) if (n_rows * k >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (n_rows * k >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) masked_softmax_row(x + r * k, mask + rows.offset(r), scale, p + r * k, k);
   return 0;
 }
@@ -184,7 +195,7 @@ int MaskedSoftmaxBackward(int, void **params, int *, int64_t **shapes, const cha
   float *dx = static_cast<float *>(params[4]);
   const MaskRows rows(shapes, 0, 2);
   const int64_t k = rows.sk, n_rows = shapes[0][0] * rows.heads * rows.sq;
-#pragma omp parallel for schedule(static) if (n_rows * k >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (n_rows * k >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     masked_softmax_row_grad(p + r * k, dp + r * k, mask + rows.offset(r), scale, dx + r * k, k);
   }
@@ -203,7 +214,7 @@ int CrossEntropyForward(int, void **params, int *, int64_t **shapes, const char 
   float *max_out = static_cast<float *>(params[4]);
   float *sum_out = static_cast<float *>(params[5]);
   const int64_t n_rows = shapes[0][0], v = shapes[0][1];
-#pragma omp parallel for schedule(static) if (n_rows * v >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (n_rows * v >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *zr = z + r * v;
     float top = -INFINITY;
@@ -242,7 +253,7 @@ int CrossEntropyBackward(int, void **params, int *, int64_t **shapes, const char
   float *dz = static_cast<float *>(params[6]);
   const int64_t n_rows = shapes[0][0], v = shapes[0][1];
   const float spread = smoothing / static_cast<float>(v);
-#pragma omp parallel for schedule(static) if (n_rows * v >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (n_rows * v >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *zr = z + r * v;
     float *dr = dz + r * v;
@@ -263,7 +274,8 @@ int AllFinite(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const TensorBlocks blocks(nparam - 1, ndims, shapes);
   const int64_t count = blocks.count();
   uint32_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (blocks.total >= kParallelMin)
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(kernel_threads()) \
+    if (blocks.total >= kParallelMin)
   for (int64_t b = 0; b < count; ++b) {
     const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
     const uint32_t *x = static_cast<const uint32_t *>(params[block.tensor]) + block.start;
@@ -282,7 +294,7 @@ int SquareSum(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const TensorBlocks blocks(nparam - 1, ndims, shapes);
   const int64_t count = blocks.count();
   std::vector<double> partial(static_cast<size_t>(count), 0.0);
-#pragma omp parallel for schedule(static) if (blocks.total >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (blocks.total >= kParallelMin)
   for (int64_t b = 0; b < count; ++b) {
     const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
     const float *x = static_cast<const float *>(params[block.tensor]) + block.start;
@@ -308,7 +320,7 @@ int AdamWStep(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const float bias_correction2_sqrt = h[4], eps = h[5], neg_step_size = h[6];
   const TensorBlocks blocks(n, ndims, shapes);
   const int64_t count = blocks.count();
-#pragma omp parallel for schedule(static) if (blocks.total >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (blocks.total >= kParallelMin)
   for (int64_t b = 0; b < count; ++b) {
     const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
     const int k = block.tensor;
@@ -333,7 +345,7 @@ int Scale(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   const float c = *static_cast<const float *>(params[n]);
   const TensorBlocks blocks(n, ndims, shapes);
   const int64_t count = blocks.count();
-#pragma omp parallel for schedule(static) if (blocks.total >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (blocks.total >= kParallelMin)
   for (int64_t b = 0; b < count; ++b) {
     const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
     const float *x = static_cast<const float *>(params[block.tensor]) + block.start;
@@ -350,7 +362,7 @@ int BiasAddForward(int, void **params, int *ndims, int64_t **shapes, const char 
   const float *b = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   const int64_t c = shapes[1][0], n_rows = leading(ndims[0], shapes[0]);
-#pragma omp parallel for schedule(static) if (n_rows * c >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (n_rows * c >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) y[r * c + j] = x[r * c + j] + b[j];
@@ -364,7 +376,7 @@ int ColumnSum(int, void **params, int *ndims, int64_t **shapes, const char **, v
   const float *dy = static_cast<const float *>(params[0]);
   float *db = static_cast<float *>(params[1]);
   const int64_t c = shapes[1][0], n_rows = leading(ndims[0], shapes[0]);
-  const int threads = n_rows * c >= kParallelMin ? omp_get_max_threads() : 1;
+  const int threads = n_rows * c >= kParallelMin ? kernel_threads() : 1;
   std::vector<float> partial(static_cast<size_t>(threads) * c, 0.0f);
 #pragma omp parallel num_threads(threads)
   {
@@ -393,7 +405,7 @@ int LayerNormForward(int, void **params, int *, int64_t **shapes, const char **,
   float *mean_out = static_cast<float *>(params[5]);
   float *rstd_out = static_cast<float *>(params[6]);
   const int64_t n_rows = shapes[0][0], h = shapes[0][1];
-#pragma omp parallel for schedule(static) if (n_rows * h >= kParallelMin)
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (n_rows * h >= kParallelMin)
   for (int64_t r = 0; r < n_rows; ++r) {
     const float *xr = x + r * h;
     float *yr = y + r * h;
@@ -427,7 +439,7 @@ int LayerNormBackward(int, void **params, int *, int64_t **shapes, const char **
   float *dw = static_cast<float *>(params[6]);
   float *db = static_cast<float *>(params[7]);
   const int64_t n_rows = shapes[0][0], h = shapes[0][1];
-  const int threads = n_rows * h >= kParallelMin ? omp_get_max_threads() : 1;
+  const int threads = n_rows * h >= kParallelMin ? kernel_threads() : 1;
   std::vector<float> partial(static_cast<size_t>(threads) * 2 * h, 0.0f);
 #pragma omp parallel num_threads(threads)
   {
@@ -543,7 +555,7 @@ int gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const f
 // block of rows (or of columns, when there are fewer rows) per OpenMP thread, each a BLAS call on its thread.
 int gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
   const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
-  const int threads = m * n * k >= (int64_t{1} << 22) ? omp_get_max_threads() : 1;
+  const int threads = m * n * k >= (int64_t{1} << 22) ? kernel_threads() : 1;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
@@ -603,7 +615,7 @@ std::vector<int64_t> block_keys(const bool *mask, const AttentionShape &a) {
 }
 
 int attention_threads(const AttentionShape &a) {
-  return a.score_elements() >= kParallelMin ? omp_get_max_threads() : 1;
+  return a.score_elements() >= kParallelMin ? kernel_threads() : 1;
 }
 
 }  // namespace
@@ -696,6 +708,16 @@ int AttentionBackward(int, void **params, int *, int64_t **shapes, const char **
   }
   return failed;
 }
+
+// Sets the threads of the kernels' parallel regions (n >= 1; 0 goes back to OpenMP's default); returns the
+// count now in force.
+int SetThreads(int n) {
+  g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed);
+  return kernel_threads();
+}
+
+// The threads the kernels' parallel regions use now.
+int Threads() { return kernel_threads(); }
 
 // 1 when the BLAS loaded (the Python side checks before using the products below).
 int BlasAvailable() { return blas().sgemm64 != nullptr || blas().sgemm32 != nullptr ? 1 : 0; }
