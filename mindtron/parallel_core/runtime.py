@@ -52,6 +52,7 @@ def size_cpu_kernel_threads(pipeline_size: int = 1) -> Optional[int]:
     without the kernels). parallel_state.initialize_model_parallel calls it once the layout is known."""
     from mindtron.parallel_core import cpu_kernels
 
+    comm.processes_on_this_host()  # a collective: every rank takes part, whatever it decides below
     if not cpu_kernels.enabled():
         return None
     return cpu_kernels.set_threads(cpu_kernel_threads(pipeline_size))

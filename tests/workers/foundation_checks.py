@@ -141,6 +141,8 @@ def expected_kernel_threads(layout: dict) -> int:
     """runtime.cpu_kernel_threads' rule with every rank on this machine (msrun sets OMP_NUM_THREADS=1)."""
     cores, world = len(os.sched_getaffinity(0)), comm.get_world_size()
     assert comm.processes_on_this_host() == world
+    if os.environ.get("MINDTRON_CPU_THREADS"):  # the override wins
+        return int(os.environ["MINDTRON_CPU_THREADS"])
     pp = layout.get("pipeline_model_parallel_size", 1)
     return 1 if world > cores else min(cores, cores * pp // world)
 
