@@ -145,6 +145,10 @@ def test_kernel_threads_from_the_environment(monkeypatch):
         monkeypatch.setenv("MINDTRON_CPU_THREADS", bad)
         with pytest.raises(ValueError, match="MINDTRON_CPU_THREADS"):
             runtime.cpu_kernel_threads()
+    if cpu_kernels.enabled():  # refused by initialize_model_parallel, which leaves nothing half set up
+        with pytest.raises(ValueError, match="MINDTRON_CPU_THREADS"):
+            ps.initialize_model_parallel()
+        assert not ps.model_parallel_is_initialized()
 
 
 def test_world_of_one_without_launcher():

@@ -194,8 +194,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         state.mine.setdefault(kind, None)
     if virtual_pipeline_model_parallel_size is not None:
         state.virtual_rank, state.virtual_size = 0, virtual_pipeline_model_parallel_size
+    size_cpu_kernel_threads(pipeline_model_parallel_size)  # (may refuse MINDTRON_CPU_THREADS: before _STATE)
     _STATE = state
-    size_cpu_kernel_threads(pipeline_model_parallel_size)
     return layout
 
 

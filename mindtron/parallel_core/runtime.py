@@ -30,9 +30,11 @@ def cpu_kernel_threads(pipeline_size: int = 1) -> int:
     cores / the job's processes on this host, at least 1. On a host with no more processes than cores, a
     pipeline stage's share is multiplied by the pipeline size: stages wait for each other during part of
     every step (the 1F1B bubble, the exchanges), and a stage that computes alone can use its waiting
-    neighbours' cores (bench/mindformers_layouts.py pp2 on 2 cores: 1.12-1.21 times faster). Once processes
-    outnumber cores, extra threads only slow every process down (measured with 4 ranks on 2 cores).
-    OMP_NUM_THREADS does not decide it: msrun sets that to 1 in every worker.
+    neighbours' cores (PP=2 on 2 cores: 1.06-1.12x faster on a quiet host, bench/README.md). Once processes
+    outnumber cores, extra threads only slow every process down (measured with 4 ranks on 2 cores). The
+    cores are the ones this process may run on (its CPU affinity); under `msrun --bind_core`, where that is
+    already one worker's share, set MINDTRON_CPU_THREADS. OMP_NUM_THREADS does not decide it: msrun sets
+    it for every worker to an eighth of the cores (1 on hosts with fewer than 16).
     """
     explicit = os.environ.get("MINDTRON_CPU_THREADS")
     if explicit:
@@ -41,7 +43,7 @@ def cpu_kernel_threads(pipeline_size: int = 1) -> int:
                              "(or unset it to size the kernels from the layout)")
         return int(explicit)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = comm.processes_on_this_host()
+    processes = max(1, comm.processes_on_this_host())
     if processes > cores:
         return 1
     return max(1, min(cores, cores * pipeline_size // processes))
@@ -52,6 +54,8 @@ def size_cpu_kernel_threads(pipeline_size: int = 1) -> Optional[int]:
     without the kernels). parallel_state.initialize_model_parallel calls it once the layout is known."""
     from mindtron.parallel_core import cpu_kernels
 
+    if ms.get_context("device_target") != "CPU":  # the same on every rank
+        return None
     comm.processes_on_this_host()  # a collective: every rank takes part, whatever it decides below
     if not cpu_kernels.enabled():
         return None

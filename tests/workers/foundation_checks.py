@@ -164,7 +164,8 @@ def state_checks() -> dict:
             ok = list(group.ranks) == member_of[0]
             total = comm.all_reduce(Tensor(np.array([me], np.float32)), group).asnumpy()[0]
             out[f"state/{tag}/{kind}"] = 0.0 if ok and total == sum(member_of[0]) else 1.0
-        out[f"state/{tag}/kernel_threads"] = abs(cpu_kernels.threads() - expected_kernel_threads(layout))
+        threads = cpu_kernels.threads()  # None without the kernels (MINDTRON_CPU_KERNELS=0)
+        out[f"state/{tag}/kernel_threads"] = 0.0 if threads is None else abs(threads - expected_kernel_threads(layout))
         tp_group = ps.get_tensor_model_parallel_group()
         out[f"state/{tag}/tp_rank"] = 0.0 if ps.get_tensor_model_parallel_rank() == tp_group.ranks.index(me) else 1.0
         ps.destroy_model_parallel()

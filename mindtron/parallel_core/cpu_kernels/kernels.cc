@@ -42,7 +42,7 @@ constexpr int64_t kParallelMin = 1 << 15;     // fewer elements than this: one t
 
 // Threads of every parallel region here: SetThreads(n) from Python (cpu_kernels.set_threads), else OpenMP's
 // default. A setting of our own rather than OMP_NUM_THREADS, which libgomp reads once when MindSpore loads it
-// and which msrun sets to 1 for every worker.
+// and which msrun sets for every worker (to an eighth of the cores: 1 on small hosts).
 std::atomic<int> g_threads{0};
 
 int kernel_threads() {
