@@ -396,21 +396,20 @@ def test_products_through_openblas_too():
 
 def test_a_blas_that_does_not_load_is_a_warning(monkeypatch, caplog):
     """When the chosen BLAS does not load, the products fall back to MindSpore's MatMul and a warning says so."""
+    built = ctypes.CDLL(cpu_kernels.library())
+    built.BlasPath.restype = ctypes.c_char_p
+    named = built.BlasPath().decode()
+    assert named == (cpu_kernels.blas_library() or "")
+
     class NoBlas:
         """The built library, except that its BLAS did not load."""
-        def __init__(self, path):
-            self.BlasPath = load(path).BlasPath
+        BlasPath = built.BlasPath
 
         @staticmethod
         def BlasAvailable():
             return 0
 
-    load = ctypes.CDLL  # the real loader, before the patch below
-    built = load(cpu_kernels.library())
-    built.BlasPath.restype = ctypes.c_char_p
-    named = built.BlasPath().decode()
-    assert named == (cpu_kernels.blas_library() or "")
-    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", NoBlas)
+    monkeypatch.setattr(cpu_kernels, "_loaded", NoBlas)
     monkeypatch.setenv("MINDTRON_BLAS", "openblas")  # the message names the library built in, not this
     with caplog.at_level("WARNING", logger="mindtron"):
         assert cpu_kernels.blas_enabled.__wrapped__() is False

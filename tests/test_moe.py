@@ -11,7 +11,7 @@ from mindspore import Tensor
 from model_configs import make_config
 from reference_gpt import reference_logits, reference_loss
 import reference_moe as ref
-from mindtron.legacy_model import GPTModel, TransformerConfig
+from mindtron.legacy_model import GPTModel
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.moe import (MoEConfig, TopKRouter, get_moe_metrics_tracker, parse_moe_layer_freq,

@@ -8,7 +8,7 @@ tensor-parallel size run in `validate_parallel()` when a model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import mindspore as ms
 

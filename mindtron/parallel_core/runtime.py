@@ -57,6 +57,6 @@ def size_cpu_kernel_threads(pipeline_size: int = 1) -> Optional[int]:
     if ms.get_context("device_target") != "CPU":  # the same on every rank
         return None
     comm.processes_on_this_host()  # a collective: every rank takes part, whatever it decides below
-    if not cpu_kernels.enabled():
+    if cpu_kernels.library() is None:
         return None
     return cpu_kernels.set_threads(cpu_kernel_threads(pipeline_size))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 from mindtron.training import megatron_flags as mf
 

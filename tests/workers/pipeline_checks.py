@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -131,6 +131,12 @@ def library() -> Optional[str]:
     return str(path)
 
 
+@functools.lru_cache(maxsize=None)
+def _loaded() -> ctypes.CDLL:
+    """The kernel library loaded into this process (call only where library() is not None)."""
+    return ctypes.CDLL(library())
+
+
 def enabled(dtype=ms.float32) -> bool:
     """Whether the fused kernels run for tensors of `dtype` here (CPU, fp32, library built)."""
     return dtype == ms.float32 and ms.get_context("device_target") == "CPU" and library() is not None
@@ -141,7 +147,7 @@ def blas_enabled(dtype=ms.float32) -> bool:
     """Whether the matrix products run through a BLAS here (the kernels are enabled and blas_library() loaded)."""
     if not enabled(dtype):
         return False
-    kernels = ctypes.CDLL(library())
+    kernels = _loaded()
     if not kernels.BlasAvailable():
         kernels.BlasPath.restype = ctypes.c_char_p  # the path built in, not what the environment says now
         logger.warning("the BLAS %s could not be loaded: the matrix products use MindSpore's MatMul (slower)",
@@ -155,12 +161,12 @@ def set_threads(count: int) -> Optional[int]:
     force, or None when the kernels are not in use here."""
     if not enabled():
         return None
-    return int(ctypes.CDLL(library()).SetThreads(int(count)))
+    return int(_loaded().SetThreads(int(count)))
 
 
 def threads() -> Optional[int]:
     """The threads the kernels' parallel regions use now (None when the kernels are not in use here)."""
-    return int(ctypes.CDLL(library()).Threads()) if enabled() else None
+    return int(_loaded().Threads()) if enabled() else None
 
 
 def _kernel(name: str, out_shape, out_dtype):

@@ -16,10 +16,8 @@ rows keep token order (rank by rank), as in Megatron.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, ops
 
 from mindtron.parallel_core import comm
