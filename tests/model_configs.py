@@ -1,5 +1,11 @@
-"""Tiny model configurations shared by the single-process and multi-rank GPTModel tests."""
+"""Tiny model configurations shared by the single-process and multi-rank GPTModel tests, and the batch and
+loss-and-gradient helpers of the single-process ones."""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
 from mindtron.legacy_model import TransformerConfig
+from mindtron.parallel_core import tensor_parallel as tp
 
 # Eager layers (jit_layers=False): the tests build many short-lived models, and compiling each costs more
 # than it saves; tests/test_jit_layers.py covers compiled == eager.
@@ -47,3 +53,22 @@ CONFIGS = {
 
 def make_config(name: str, **overrides) -> TransformerConfig:
     return TransformerConfig(**{**COMMON, **CONFIGS[name], **overrides})
+
+
+def batch(cfg: TransformerConfig, seed: int = 0, b: int = 2):
+    """Random tokens [b, seq] and their next-token labels (the tokens rolled left by one)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, (b, cfg.seq_length))
+    return tokens, np.roll(tokens, -1, 1)
+
+
+def loss_and_grads(model, tokens, labels):
+    """One training-mode forward and backward: (loss, {parameter name: gradient})."""
+    model.set_train(True)
+    params = model.trainable_params()
+
+    def f():
+        with tp.forward_pass():
+            return model(Tensor(tokens, ms.int32), labels=Tensor(labels, ms.int32))
+    loss, grads = ms.value_and_grad(f, None, params)()
+    return float(loss.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}

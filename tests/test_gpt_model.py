@@ -5,7 +5,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from model_configs import CONFIGS, make_config
+from model_configs import CONFIGS, batch, make_config
 from reference_gpt import reference_logits, reference_loss
 from mindtron.legacy_model import (GPTModel, TransformerConfig, get_ltor_masks_and_position_ids, pad_vocab_size,
                                    stage_layer_range)
@@ -19,12 +19,6 @@ def world_of_one():
     tp.model_parallel_seed(1234)
     yield
     ps.destroy_model_parallel()
-
-
-def batch(cfg, seed=0, b=2):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.vocab_size, (b, cfg.seq_length))
-    return tokens, np.roll(tokens, -1, 1)
 
 
 def full_params(model):

@@ -9,7 +9,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from model_configs import make_config
+from model_configs import batch, make_config
 from reference_gpt import reference_logits, reference_loss
 from mindtron.legacy_model import GPTModel, TransformerConfig
 from mindtron.legacy_model.rotary import llama3_scaled_inv_freq, yarn_inv_freq, yarn_mscale
@@ -25,12 +25,6 @@ def world_of_one():
     tp.model_parallel_seed(1234)
     yield
     ps.destroy_model_parallel()
-
-
-def batch(cfg, seed=0, b=2):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.vocab_size, (b, cfg.seq_length))
-    return tokens, np.roll(tokens, -1, 1)
 
 
 def perturbed_model(cfg, seed=5):

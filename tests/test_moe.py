@@ -8,7 +8,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from model_configs import make_config
+from model_configs import batch, loss_and_grads, make_config
 from reference_gpt import reference_logits, reference_loss
 import reference_moe as ref
 from mindtron.legacy_model import GPTModel
@@ -226,12 +226,6 @@ def moe_model(name, **moe_overrides):
     return GPTModel(make_config(base, moe_config=MoEConfig(**{**moe, **moe_overrides})))
 
 
-def batch(cfg, seed=0, b=2):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.vocab_size, (b, cfg.seq_length))
-    return tokens, np.roll(tokens, -1, 1)
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_moe_gpt_logits_and_loss_match_numpy_reference(name):
     model = moe_model(name)
@@ -260,17 +254,6 @@ def test_moe_parameter_names_and_shapes():
     expert = dict(model.parameters_and_names())[layer + "experts.dense_h_to_4h.weight"]
     router_weight = dict(model.parameters_and_names())[layer + "router.weight"]
     assert expert.allreduce is False and getattr(router_weight, "allreduce", True)
-
-
-def loss_and_grads(model, tokens, labels):
-    model.set_train(True)
-    params = model.trainable_params()
-
-    def f():
-        with tp.forward_pass():
-            return model(Tensor(tokens, ms.int32), labels=Tensor(labels, ms.int32))
-    loss, grads = ms.value_and_grad(f, None, params)()
-    return float(loss.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}
 
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt2_capacity"])

@@ -17,7 +17,7 @@ from mindspore import Tensor
 from safetensors.numpy import load_file
 
 import reference_moe as ref
-from model_configs import make_config as model_config
+from model_configs import loss_and_grads, make_config as model_config
 from workers import moe_checks
 from workers.training_checks import make_config
 from mindtron.legacy_model import GPTModel
@@ -272,17 +272,6 @@ def test_the_tool_script_runs_as_documented(tmp_path):
 def moe_gpt(**moe):
     settings = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24, moe_aux_loss_coeff=0.01, **ALLTOALL)
     return GPTModel(model_config("llama", moe_config=MoEConfig(**{**settings, **moe})))
-
-
-def loss_and_grads(model, tokens, labels):
-    model.set_train(True)
-    params = model.trainable_params()
-
-    def f():
-        with tp.forward_pass():
-            return model(Tensor(tokens, ms.int32), labels=Tensor(labels, ms.int32))
-    loss, grads = ms.value_and_grad(f, None, params)()
-    return float(loss.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}
 
 
 @pytest.mark.parametrize("grouped", [False, True])
