@@ -36,11 +36,11 @@ def foundation_4():
     return run_on_ranks(4, FOUNDATION, timeout=900)
 
 
-def worst_errors(per_rank: list, section: str) -> dict:
-    """check name -> largest relative error over all ranks."""
+def worst_errors(per_rank: list, section: str = None) -> dict:
+    """check name -> largest relative error over all ranks (in `section` of each rank's result, if given)."""
     worst: dict = {}
     for result in per_rank:
-        for name, err in result[section].items():
+        for name, err in (result if section is None else result[section]).items():
             worst[name] = max(err, worst.get(name, 0.0))
     return worst
 

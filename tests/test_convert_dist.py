@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")  # the fixtures are written by PyTorch's ow
 import convert_dist as D  # noqa: E402
 import convert_fixtures as F  # noqa: E402
 from reference_gpt import reference_logits  # noqa: E402
-from test_convert_megatron import loaded_logits, rel, tokens_for  # noqa: E402
+from numerics import rel_err  # noqa: E402
+from test_convert_megatron import loaded_logits, tokens_for  # noqa: E402
 from mindtron.convert import convert_checkpoint, read_checkpoint  # noqa: E402
 from mindtron.convert.dcp_reader import DcpCheckpoint  # noqa: E402
 from mindtron.convert.megatron_dist import read_model_tensors  # noqa: E402
@@ -101,7 +102,7 @@ def test_tp2_checkpoint_written_by_two_processes_converts_with_the_source_logits
     assert "megatron.core.transformer.enums.AttnBackend" in report.placeholders
     assert not any(m.startswith("megatron") for m in sys.modules)  # the enums were never imported
     tokens = tokens_for(cfg)
-    assert rel(loaded_logits(cfg, tmp_path / "tp1", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
+    assert rel_err(loaded_logits(cfg, tmp_path / "tp1", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
     report = convert_checkpoint(src, tmp_path / "tp2", 2, 1, verify=True)  # and straight to TP=2
     assert report.verify["relative"] < 1e-5
     for key, value in weights.items():
@@ -141,7 +142,7 @@ def test_moe_checkpoint_written_at_ep2_converts_with_the_source_logits(two_proce
     for key, value in weights.items():
         np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
     tokens = tokens_for(cfg)
-    assert rel(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
+    assert rel_err(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["tp2_bf16_common_state", "pp2_common_pt"])
@@ -168,7 +169,7 @@ def test_single_process_checkpoints_convert_with_the_source_logits(tmp_path, cas
     for key, value in weights.items():
         np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
     tokens = tokens_for(cfg)
-    assert rel(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
+    assert rel_err(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
 
 
 def _stacked(weights, num_layers):

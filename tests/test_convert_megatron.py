@@ -13,6 +13,7 @@ import pytest
 
 import convert_fixtures as F
 from convert_bytes import Global, write_torch_zip
+from numerics import rel_err
 from reference_gpt import reference_logits
 from mindtron.convert import convert_checkpoint, read_checkpoint
 from mindtron.convert.cli import main as cli_main
@@ -28,10 +29,6 @@ try:
 except ImportError:
     HAVE_TORCH = False
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch (test extra) builds these fixtures")
-
-
-def rel(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 def tokens_for(cfg, seed=1):
@@ -64,7 +61,7 @@ def test_megatron_checkpoint_to_mindtron_gives_the_source_logits(tmp_path, name,
     assert report.iteration == 20 and (tmp_path / "dst" / "latest_checkpointed_iteration.txt").read_text() == "20"
     assert set(report.not_converted) == {"optimizer", "opt_param_scheduler", "rng_state"}
     tokens = tokens_for(cfg)
-    assert rel(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
+    assert rel_err(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
     if te:
         assert len(report.ignored["Transformer Engine FP8 metadata (_extra_state)"]) == 5 * cfg.num_layers * tp_size
 
@@ -122,7 +119,7 @@ def test_megatron_core_checkpoint_with_signal_and_enum_arguments_converts(tmp_pa
             full = read_checkpoint(out)
             for key, value in weights.items():
                 np.testing.assert_array_equal(full.tensors[key], value, err_msg=key)
-        assert rel(loaded_logits(cfg, tmp_path / f"{reader}_tp1", tokens), want) < 1e-5
+        assert rel_err(loaded_logits(cfg, tmp_path / f"{reader}_tp1", tokens), want) < 1e-5
         rank_file = tmp_path / "src" / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt"
         args = load_torch_file(rank_file, reader)[0]["args"]
         assert args.exit_signal.value == 15 and args.model_type.value == 1 and args.fp8_recipe.value == "delayed"
@@ -174,7 +171,7 @@ def test_vocabulary_is_padded_again_for_the_target(tmp_path):
                                   weights["language_model.embedding.word_embeddings.weight"][:96])
     tokens = np.random.default_rng(0).integers(0, 90, (2, cfg.seq_length))
     got = loaded_logits(F.config("gpt2", vocab_size=96), tmp_path / "dst", tokens)
-    assert rel(got[..., :90], reference_logits(cfg, weights, tokens)[..., :90]) < 1e-5
+    assert rel_err(got[..., :90], reference_logits(cfg, weights, tokens)[..., :90]) < 1e-5
 
 
 @needs_torch

@@ -15,7 +15,8 @@ import pytest
 
 import convert_fixtures as F
 from reference_gpt import reference_logits
-from test_convert_megatron import loaded_logits, rel, tokens_for
+from numerics import rel_err
+from test_convert_megatron import loaded_logits, tokens_for
 from mindtron.convert import convert_checkpoint, read_checkpoint
 from mindtron.convert.cli import main as cli_main
 
@@ -68,7 +69,7 @@ def test_megatron_core_moe_checkpoint_gives_the_reference_logits(tmp_path, name,
         in report.model
     assert_same_weights(read_checkpoint(tmp_path / "dst"), weights)
     tokens = tokens_for(cfg)
-    assert rel(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
+    assert rel_err(loaded_logits(cfg, tmp_path / "dst", tokens), reference_logits(cfg, weights, tokens)) < 1e-5
 
 
 def test_expert_parallel_mindtron_checkpoint_loads_at_ep1_and_reshards(tmp_path, capsys):
@@ -96,7 +97,7 @@ def test_expert_parallel_mindtron_checkpoint_loads_at_ep1_and_reshards(tmp_path,
     tp1 = tmp_path / "tp1_ep2"
     convert_checkpoint(tmp_path / "ep2", tp1, 1, 1, target_ep=2)
     tokens = tokens_for(cfg)
-    assert rel(loaded_logits(cfg, tp1, tokens), reference_logits(cfg, weights, tokens)) < 1e-5
+    assert rel_err(loaded_logits(cfg, tp1, tokens), reference_logits(cfg, weights, tokens)) < 1e-5
     report = convert_checkpoint(tmp_path / "ep2", tmp_path / "ep1", 1, 1, verify=True)  # mindtron -> mindtron
     assert report.source_format == "mindtron" and report.source_experts == (2, 2)
     assert_same_weights(read_checkpoint(tmp_path / "ep1"), weights)

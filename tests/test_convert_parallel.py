@@ -14,16 +14,13 @@ import pytest
 
 import convert_fixtures as F
 from multiproc import run_on_ranks
+from numerics import rel_err
 from reference_gpt import reference_logits
 from mindtron.convert import convert_checkpoint
 from mindtron.convert.verify import model_logits
 from mindtron.convert import read_checkpoint
 
 pytest.importorskip("torch")
-
-
-def rel(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
 def test_tp1_and_back_to_tp2_and_pp2_give_the_same_logits(tmp_path: Path):
@@ -89,5 +86,5 @@ def test_tp1_and_back_to_tp2_and_pp2_give_the_same_logits(tmp_path: Path):
         results = [r[case["name"]] for r in per_rank if r[case["name"]] is not None]
         assert len(results) == (2 if case["pp"] == 1 else 1), case["name"]
         for logits in results:
-            assert rel(logits, tp1[name]) < 1e-5, case["name"]       # same as the TP=1 model
-            assert rel(logits, expected[name]) < 1e-5, case["name"]  # and as the source weights' reference
+            assert rel_err(logits, tp1[name]) < 1e-5, case["name"]       # same as the TP=1 model
+            assert rel_err(logits, expected[name]) < 1e-5, case["name"]  # and as the source weights' reference

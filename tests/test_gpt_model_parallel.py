@@ -1,19 +1,11 @@
 """GPTModel under tensor parallelism (with and without sequence parallel) and split into two pipeline stages
 (also with Megatron-Core's placements), against the single-process model: logits, loss and every
 parameter's gradient (fp32, 1e-5 relative)."""
-from conftest import assert_all_close
-
-
-def merged(per_rank):
-    out = {}
-    for result in per_rank:
-        for name, err in result.items():
-            out[name] = max(err, out.get(name, 0.0))
-    return out
+from conftest import assert_all_close, worst_errors
 
 
 def test_tensor_and_sequence_parallel_match_single_process(model_checks_2):
-    errors = merged(model_checks_2)
+    errors = worst_errors(model_checks_2)
     required = []
     for name in ("gpt2", "llama"):
         for mode in ("tp2", "tp2_sp"):
@@ -41,7 +33,7 @@ def test_tensor_and_sequence_parallel_match_single_process(model_checks_2):
 
 
 def test_two_pipeline_stages_give_the_whole_models_loss(model_checks_2):
-    errors = merged(model_checks_2)
+    errors = worst_errors(model_checks_2)
     required = ["gpt2/pp2/loss", "llama/pp2/loss", "gpt2/pp2/stage_layers", "gpt2/pp2/tied_copy"]
     for tag in ("llama/pp2_layout", "options/pp2_account_loss", "qwen/pp2_first1"):
         required += [f"{tag}/loss", f"{tag}/stage_layers", f"{tag}/last_stage_layers"]

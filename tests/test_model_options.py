@@ -10,6 +10,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from model_configs import batch, make_config
+from numerics import rel_err
 from reference_gpt import reference_logits, reference_loss
 from mindtron.legacy_model import GPTModel, TransformerConfig
 from mindtron.legacy_model.rotary import llama3_scaled_inv_freq, yarn_inv_freq, yarn_mscale
@@ -43,17 +44,13 @@ def params_of(model):
     return {name: p.asnumpy() for name, p in model.parameters_and_names()}
 
 
-def rel(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("name", NEW)
 def test_logits_loss_and_per_token_loss_match_the_numpy_reference(name):
     cfg = make_config(name)
     model = perturbed_model(cfg)
     tokens, labels = batch(cfg)
     want = reference_logits(cfg, params_of(model), tokens)
-    assert rel(model(Tensor(tokens, ms.int32)).asnumpy(), want) < 1e-5
+    assert rel_err(model(Tensor(tokens, ms.int32)).asnumpy(), want) < 1e-5
     loss_mask = (np.arange(tokens.size).reshape(tokens.shape) % 3 != 0).astype(np.float32)
     args = dict(labels=Tensor(labels, ms.int32), loss_mask=Tensor(loss_mask))
     loss = float(model(Tensor(tokens, ms.int32), **args).asnumpy())
@@ -89,7 +86,7 @@ def test_each_option_changes_the_reference_output(name, off):
     tokens, _ = batch(cfg)
     with_option = reference_logits(cfg, params, tokens)
     without = reference_logits(dataclasses.replace(cfg, **off), params, tokens)
-    assert rel(without, with_option) > 1e-4  # ten times the comparison tolerance
+    assert rel_err(without, with_option) > 1e-4  # ten times the comparison tolerance
 
 
 def test_attention_output_gate_and_qk_norm_parameters():

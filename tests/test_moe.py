@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from model_configs import batch, loss_and_grads, make_config
+from numerics import rel_err
 from reference_gpt import reference_logits, reference_loss
 import reference_moe as ref
 from mindtron.legacy_model import GPTModel
@@ -27,10 +28,6 @@ def world_of_one():
     set_aux_loss_backward_scale(1.0)
     yield
     ps.destroy_model_parallel()
-
-
-def rel(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def router_for(moe: MoEConfig, hidden=8, seed=0, bias=False):
@@ -80,7 +77,7 @@ def test_router_choice_and_weights_match_numpy(name):
     logits = x.reshape(-1, 8).astype(np.float64) @ router.weight.asnumpy().T
     want_probs, routed, kept = ref.route(router.moe, logits)
     np.testing.assert_array_equal(routing_map, kept)
-    assert rel(probs, want_probs) < 1e-6
+    assert rel_err(probs, want_probs) < 1e-6
     assert (routing_map.sum(1) <= moe.moe_router_topk).all()
 
 
@@ -157,7 +154,7 @@ def test_auxiliary_losses_enter_the_backward_exactly():
         step = np.zeros_like(w0)
         step[i] = 1e-6
         numeric[i] = (total(w0 + step) - total(w0 - step)) / 2e-6
-    assert rel(grad, numeric) < 1e-3
+    assert rel_err(grad, numeric) < 1e-3
 
 
 def test_sinkhorn_routes_balanced_in_training_and_by_activation_in_eval():
@@ -170,7 +167,7 @@ def test_sinkhorn_routes_balanced_in_training_and_by_activation_in_eval():
     probs, eval_map = route(router, x)
     logits = x.reshape(-1, 8).astype(np.float64) @ router.weight.asnumpy().T
     np.testing.assert_array_equal(eval_map.argmax(1), logits.argmax(1))
-    assert rel(probs.max(1), 1 / (1 + np.exp(-logits.max(1)))) < 1e-6  # top-1: sigmoid of the chosen logit
+    assert rel_err(probs.max(1), 1 / (1 + np.exp(-logits.max(1)))) < 1e-6  # top-1: sigmoid of the chosen logit
     assert np.bincount(train_map.argmax(1), minlength=4).max() <= np.bincount(eval_map.argmax(1), minlength=4).max()
 
 
@@ -235,7 +232,7 @@ def test_moe_gpt_logits_and_loss_match_numpy_reference(name):
     model.set_train(False)
     logits = model(Tensor(tokens, ms.int32)).asnumpy()
     want = reference_logits(cfg, params, tokens)
-    assert rel(logits, want) < 1e-5
+    assert rel_err(logits, want) < 1e-5
     model.set_train(True)
     loss = model(Tensor(tokens, ms.int32), labels=Tensor(labels, ms.int32)).asnumpy()
     assert abs(loss - reference_loss(want, labels)) / reference_loss(want, labels) < 1e-5  # lm loss only
@@ -264,7 +261,7 @@ def test_grouped_experts_equal_the_loop(name):
     l2, g2 = loss_and_grads(grouped, tokens, labels)
     assert abs(l1 - l2) <= 1e-6 * abs(l1)
     for key in g1:
-        assert rel(g2[key], g1[key]) < 1e-5, key
+        assert rel_err(g2[key], g1[key]) < 1e-5, key
 
 
 @pytest.mark.parametrize("grouped,safe", [(False, False), (True, False), (True, True)])
@@ -292,7 +289,7 @@ def test_aux_loss_is_not_in_the_logged_loss_but_in_the_gradient():
     l2, g2 = loss_and_grads(without, tokens, labels)
     assert l1 == l2
     key = "language_model.encoder.layers.0.mlp.router.weight"
-    assert rel(g1[key], g2[key]) > 1e-3
+    assert rel_err(g1[key], g2[key]) > 1e-3
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -356,5 +353,5 @@ def test_compiled_and_recomputed_moe_layers_give_the_same_loss_and_gradients(opt
                                              num_experts=4, moe_layer_indices=[0, 1])
     assert abs(l1 - l2) <= 1e-6 * abs(l1)
     for key in g1:
-        assert rel(g2[key], g1[key]) < 1e-5, key
+        assert rel_err(g2[key], g1[key]) < 1e-5, key
     assert stats.tokens_per_expert[0].sum() == 2 * 16 * 2  # counted in the forward only, not on the recompute

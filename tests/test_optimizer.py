@@ -12,6 +12,7 @@ from mindspore import Parameter, Tensor
 from safetensors.numpy import load_file, save_file
 
 from multiproc import run_on_ranks
+from numerics import rel_err
 from mindtron.parallel_core import parallel_state as ps
 from mindtron.parallel_core.comm import ProcessGroup
 from mindtron.parallel_core.optimizer import (
@@ -45,11 +46,6 @@ def make_grads(params, seed):
 
 def values(params):
     return [p.asnumpy().copy() for p in params]
-
-
-def rel(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -93,7 +89,7 @@ def test_decoupled_lr_groups_and_schedule():
     grads = make_grads(params, 2)
     opt(grads)
     want = before - 0.11 * (grads[-1].asnumpy() + 0.1 * before)  # decayed: a 2-D weight
-    assert rel(embedding.asnumpy(), want) < 1e-6
+    assert rel_err(embedding.asnumpy(), want) < 1e-6
     sched.step(100)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.1, 0.02])
     # without decoupled_min_lr the decoupled groups end at --min-lr; without decoupled_lr nothing changes
@@ -152,7 +148,7 @@ def test_adamw_two_steps_match_numpy():
             ref[i], m[i], s[i] = numpy_adamw(ref[i], grads[i].asnumpy().astype(np.float64), m[i], s[i], t,
                                              0.01, wd, 0.9, 0.95, 1e-8)
     for p, r in zip(params, ref):
-        assert rel(p.asnumpy(), r) < 1e-6, p.name
+        assert rel_err(p.asnumpy(), r) < 1e-6, p.name
 
 
 def test_fused_adamw_kernel_follows_megatrons_adamw_over_many_steps():
@@ -189,8 +185,8 @@ def test_fused_adamw_kernel_follows_megatrons_adamw_over_many_steps():
                                              lr, decay, 0.9, 0.95, 1e-8)
     for p, k, q, r in zip(fused_params, ms_kernel_params, plain_params, ref):
         for got in (p, k):
-            assert rel(got.asnumpy(), r) < 1e-6, p.name
-            assert rel(got.asnumpy(), q.asnumpy()) < 1e-6, p.name
+            assert rel_err(got.asnumpy(), r) < 1e-6, p.name
+            assert rel_err(got.asnumpy(), q.asnumpy()) < 1e-6, p.name
     # the rescaled hyper-parameters reproduce the bias-corrected update exactly in float64
     lr_k, eps_k, wd_k = fused_adamw_hyperparameters(0.01, 0.1, 0.9, 0.95, 1e-8, 3)
     p0, g_m, g_v = 1.5, 0.2, 0.03
@@ -213,7 +209,7 @@ def test_sgd_momentum_two_steps_match_numpy():
             buf[i] = g if buf[i] is None else 0.9 * buf[i] + g
             ref[i] = ref[i] - 0.1 * buf[i]
     for p, r in zip(params, ref):
-        assert rel(p.asnumpy(), r) < 1e-6, p.name
+        assert rel_err(p.asnumpy(), r) < 1e-6, p.name
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
@@ -393,7 +389,7 @@ def test_scheduler_sets_the_lr_the_optimizer_uses():
     for p, b, g in zip(params, before, grads):
         wd = 0.0 if len(p.shape) == 1 else 0.14
         want = b - 0.5 * (g.asnumpy().astype(np.float64) + wd * b)
-        assert rel(p.asnumpy(), want) < 1e-6, p.name
+        assert rel_err(p.asnumpy(), want) < 1e-6, p.name
 
 
 def test_scheduler_moves_adamw_lr_too():
@@ -406,7 +402,7 @@ def test_scheduler_moves_adamw_lr_too():
     for p, b, g in zip(params, before, grads):
         want, _, _ = numpy_adamw(b.astype(np.float64), g.asnumpy().astype(np.float64), 0.0, 0.0, 1, 0.01, 0.0,
                                  0.9, 0.999, 1e-8)
-        assert rel(p.asnumpy(), want) < 1e-6
+        assert rel_err(p.asnumpy(), want) < 1e-6
     assert sched.get_lr(opt.param_groups[0]) == 0.01
 
 
@@ -634,8 +630,8 @@ def test_tp2_clipping_equals_single_process(optimizer_checks_2):
         got = result["tp2"]
         assert got["norm"] == pytest.approx(ref["norm"], rel=1e-6), rank
         for name in ref["clipped"]:
-            assert rel(got["grads"][name], ref["grads"][name]) < 1e-6, (rank, name)
-            assert rel(got["clipped"][name], ref["clipped"][name]) < 1e-6, (rank, name)
+            assert rel_err(got["grads"][name], ref["grads"][name]) < 1e-6, (rank, name)
+            assert rel_err(got["clipped"][name], ref["clipped"][name]) < 1e-6, (rank, name)
 
 
 def test_pp2_counts_shared_embedding_once(optimizer_checks_2):

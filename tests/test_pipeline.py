@@ -3,23 +3,15 @@ micro-batch's loss and every parameter's gradient summed over micro-batches (fp3
 summed over the embedding group, and the number of micro-batch inputs held at once."""
 import pytest
 
-from conftest import assert_all_close
+from conftest import assert_all_close, worst_errors
 
 LAYOUTS = {2: ["pp2_gpt2", "pp2_llama", "pp2_vpp2_gpt2"], 3: ["pp3_uneven_gpt2"],
            4: ["pp4_gpt2", "pp2_tp2_sp_llama", "pp4_vpp2_gpt2"]}
 
 
-def merged(per_rank):
-    out = {}
-    for result in per_rank:
-        for name, err in result.items():
-            out[name] = max(err, out.get(name, 0.0))
-    return out
-
-
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_schedules_match_single_stage(pipeline_checks, world):
-    errors = merged(pipeline_checks[world])
+    errors = worst_errors(pipeline_checks[world])
     required = []
     for layout in LAYOUTS[world]:
         required += [f"{layout}/losses", f"{layout}/in_flight_over_limit",

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_configs import make_config  # noqa: E402
 from training_checks import make_config as training_config, train  # noqa: E402
-from model_checks import rel_err  # noqa: E402
+from numerics import rel_err  # noqa: E402
 from moe_checks import moe_options  # noqa: E402
 
 from mindtron.legacy_model import GPTModel  # noqa: E402

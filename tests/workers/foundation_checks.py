@@ -14,14 +14,7 @@ from mindtron.parallel_core import comm, cpu_kernels, parallel_state as ps
 from mindtron.parallel_core.teardown import armed_at_exit
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.initialization import full_initial_value
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        return float("inf")
-    scale = max(np.abs(want).max(initial=0.0), 1e-30)
-    return float(np.abs(got - want).max(initial=0.0) / scale)
+from numerics import rel_err  # tests/ is on the path: rank_entry.py runs from there
 
 
 def data(rank: int, shape, dtype=np.float32, salt: int = 0) -> np.ndarray:

@@ -11,19 +11,13 @@ from mindspore import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_configs import make_config  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 from mindtron.legacy_model import GPTModel  # noqa: E402
 from mindtron.parallel_core import comm, parallel_state as ps, tensor_parallel as tp  # noqa: E402
 from mindtron.parallel_core.distributed import allreduce_sequence_parallel_grads  # noqa: E402
 
 SEED = 4321
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        return float("inf")
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 def data(cfg):

@@ -9,6 +9,7 @@ from mindspore import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model_configs import make_config  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 from mindtron.data.gpt_batch import make_gpt_batch  # noqa: E402
 from mock_data import MockGPTDataset  # noqa: E402
@@ -19,13 +20,6 @@ from mindtron.parallel_core.distributed import (allreduce_embedding_grads,  # no
 from mindtron.parallel_core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 SEED, MICRO, MBS = 77, 4, 2
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
-        return float("inf")
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 def micro_batches(cfg):
