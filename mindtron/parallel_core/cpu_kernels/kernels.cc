@@ -135,7 +135,13 @@ struct TensorBlocks {
       for (int64_t start = 0; start < size; start += kBlock) list.push_back({k, start, std::min(kBlock, size - start)});
     }
   }
-  int64_t count() const { return static_cast<int64_t>(list.size()); }
+  // body(block, index) for every block, the blocks shared among the kernel threads
+  template <class Body>
+  void for_each(Body &&body) const {
+    const int64_t count = static_cast<int64_t>(list.size());
+#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (total >= kParallelMin)
+    for (int64_t b = 0; b < count; ++b) body(list[static_cast<size_t>(b)], b);
+  }
 };
 
 }  // namespace
@@ -272,19 +278,16 @@ int CrossEntropyBackward(int, void **params, int *, int64_t **shapes, const char
 // inputs params[0 .. nparam - 1), the output last.
 int AllFinite(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const TensorBlocks blocks(nparam - 1, ndims, shapes);
-  const int64_t count = blocks.count();
-  uint32_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(kernel_threads()) \
-    if (blocks.total >= kParallelMin)
-  for (int64_t b = 0; b < count; ++b) {
-    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+  std::vector<uint32_t> bad(blocks.list.size(), 0);
+  blocks.for_each([&](const TensorBlocks::Block &block, int64_t b) {
     const uint32_t *x = static_cast<const uint32_t *>(params[block.tensor]) + block.start;
     uint32_t found = 0;
 #pragma omp simd reduction(| : found)
     for (int64_t i = 0; i < block.size; ++i) found |= static_cast<uint32_t>((x[i] & 0x7f800000u) == 0x7f800000u);
-    bad |= found;
-  }
-  static_cast<float *>(params[nparam - 1])[0] = bad != 0 ? 0.0f : 1.0f;
+    bad[static_cast<size_t>(b)] = found;
+  });
+  const bool finite = std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; });
+  static_cast<float *>(params[nparam - 1])[0] = finite ? 1.0f : 0.0f;
   return 0;
 }
 
@@ -292,17 +295,14 @@ int AllFinite(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 // added in order (the same bits for any thread count); inputs params[0 .. nparam - 1), the output last.
 int SquareSum(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   const TensorBlocks blocks(nparam - 1, ndims, shapes);
-  const int64_t count = blocks.count();
-  std::vector<double> partial(static_cast<size_t>(count), 0.0);
-#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (blocks.total >= kParallelMin)
-  for (int64_t b = 0; b < count; ++b) {
-    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+  std::vector<double> partial(blocks.list.size(), 0.0);
+  blocks.for_each([&](const TensorBlocks::Block &block, int64_t b) {
     const float *x = static_cast<const float *>(params[block.tensor]) + block.start;
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < block.size; ++i) sum += static_cast<double>(x[i]) * x[i];
     partial[static_cast<size_t>(b)] = sum;
-  }
+  });
   double total = 0.0;
   for (double s : partial) total += s;
   static_cast<float *>(params[nparam - 1])[0] = static_cast<float>(total);
@@ -319,10 +319,7 @@ int AdamWStep(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const float decay = h[0], one_minus_beta1 = h[1], beta2 = h[2], one_minus_beta2 = h[3];
   const float bias_correction2_sqrt = h[4], eps = h[5], neg_step_size = h[6];
   const TensorBlocks blocks(n, ndims, shapes);
-  const int64_t count = blocks.count();
-#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (blocks.total >= kParallelMin)
-  for (int64_t b = 0; b < count; ++b) {
-    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+  blocks.for_each([&](const TensorBlocks::Block &block, int64_t) {
     const int k = block.tensor;
     float *p = static_cast<float *>(params[k]) + block.start;
     const float *g = static_cast<const float *>(params[n + k]) + block.start;
@@ -334,7 +331,7 @@ int AdamWStep(int nparam, void **params, int *ndims, int64_t **shapes, const cha
       v[i] = v[i] * beta2 + one_minus_beta2 * g[i] * g[i];
       p[i] = p[i] * decay + neg_step_size * (m[i] / (std::sqrt(v[i]) / bias_correction2_sqrt + eps));
     }
-  }
+  });
   static_cast<float *>(params[nparam - 1])[0] = 1.0f;
   return 0;
 }
@@ -344,15 +341,12 @@ int Scale(int nparam, void **params, int *ndims, int64_t **shapes, const char **
   const int n = (nparam - 1) / 2;
   const float c = *static_cast<const float *>(params[n]);
   const TensorBlocks blocks(n, ndims, shapes);
-  const int64_t count = blocks.count();
-#pragma omp parallel for schedule(static) num_threads(kernel_threads()) if (blocks.total >= kParallelMin)
-  for (int64_t b = 0; b < count; ++b) {
-    const TensorBlocks::Block &block = blocks.list[static_cast<size_t>(b)];
+  blocks.for_each([&](const TensorBlocks::Block &block, int64_t) {
     const float *x = static_cast<const float *>(params[block.tensor]) + block.start;
     float *y = static_cast<float *>(params[n + 1 + block.tensor]) + block.start;
 #pragma omp simd
     for (int64_t i = 0; i < block.size; ++i) y[i] = x[i] * c;
-  }
+  });
   return 0;
 }
 
@@ -586,9 +580,10 @@ constexpr int64_t kRowBlock = 64;
 struct AttentionShape {
   int64_t sq, sk, batch, heads, groups, hn, mask_batch, mask_heads, blocks;
   // q [sq, b, n, hn], k and v [sk, b, g, hn], mask [MB, MN, sq, sk] with MB in {1, b}, MN in {1, n}
-  AttentionShape(int64_t **shapes, int q, int k, int mask)
-      : sq(shapes[q][0]), sk(shapes[k][0]), batch(shapes[q][1]), heads(shapes[q][2]), groups(shapes[k][2]),
-        hn(shapes[q][3]), mask_batch(shapes[mask][0]), mask_heads(shapes[mask][1]),
+  // both kernels take q, k, v, mask as their first inputs
+  explicit AttentionShape(int64_t **shapes)
+      : sq(shapes[0][0]), sk(shapes[1][0]), batch(shapes[0][1]), heads(shapes[0][2]), groups(shapes[1][2]),
+        hn(shapes[0][3]), mask_batch(shapes[3][0]), mask_heads(shapes[3][1]),
         blocks((sq + kRowBlock - 1) / kRowBlock) {}
   int64_t q_ld() const { return batch * heads * hn; }
   int64_t kv_ld() const { return batch * groups * hn; }
@@ -630,7 +625,7 @@ int AttentionForward(int, void **params, int *, int64_t **shapes, const char **,
   const bool *mask = static_cast<const bool *>(params[3]);
   const float scale = *static_cast<const float *>(params[4]);
   float *context = static_cast<float *>(params[5]), *probs = static_cast<float *>(params[6]);
-  const AttentionShape a(shapes, 0, 1, 3);
+  const AttentionShape a(shapes);
   const std::vector<int64_t> keys = block_keys(mask, a);
   const int64_t q_ld = a.q_ld(), kv_ld = a.kv_ld(), per_group = a.heads / a.groups;
   int failed = 0;
@@ -669,7 +664,7 @@ int AttentionBackward(int, void **params, int *, int64_t **shapes, const char **
   const float scale = *static_cast<const float *>(params[6]);
   float *dq = static_cast<float *>(params[7]), *dk = static_cast<float *>(params[8]);
   float *dv = static_cast<float *>(params[9]);
-  const AttentionShape a(shapes, 0, 1, 3);
+  const AttentionShape a(shapes);
   const std::vector<int64_t> keys = block_keys(mask, a);
   const int64_t q_ld = a.q_ld(), kv_ld = a.kv_ld(), per_group = a.heads / a.groups;
   std::fill(dk, dk + a.sk * kv_ld, 0.0f);  // summed over the query blocks and the group's heads
