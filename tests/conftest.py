@@ -1,4 +1,7 @@
 """Shared fixtures: one msrun launch per world size runs every foundation check (launches are slow on CPU)."""
+import math
+from typing import Optional
+
 import pytest
 
 from multiproc import run_on_ranks
@@ -36,12 +39,13 @@ def foundation_4():
     return run_on_ranks(4, FOUNDATION, timeout=900)
 
 
-def worst_errors(per_rank: list, section: str = None) -> dict:
-    """check name -> largest relative error over all ranks (in `section` of each rank's result, if given)."""
+def worst_errors(per_rank: list, section: Optional[str] = None) -> dict:
+    """check name -> largest relative error over all ranks (in `section` of each rank's result, if given);
+    a NaN error counts as inf, so that no later rank's value can hide it."""
     worst: dict = {}
     for result in per_rank:
         for name, err in (result if section is None else result[section]).items():
-            worst[name] = max(err, worst.get(name, 0.0))
+            worst[name] = max(math.inf if math.isnan(err) else err, worst.get(name, 0.0))
     return worst
 
 

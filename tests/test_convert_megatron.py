@@ -133,7 +133,6 @@ def test_release_directory_and_bf16_weights(tmp_path):
     report = convert_checkpoint(src, tmp_path / "dst", 1, 1, verify=True)
     assert report.iteration == 0 and (tmp_path / "dst" / "iter_0000000" / "mp_rank_00" / "meta.json").exists()
     full = read_checkpoint(tmp_path / "dst")
-
     for key, value in weights.items():  # the bfloat16 values, widened to float32 exactly
         np.testing.assert_array_equal(full.tensors[key], torch.from_numpy(value).bfloat16().float().numpy())
 
@@ -146,7 +145,6 @@ def test_virtual_pipeline_chunks_merge_in_model_order(tmp_path):
     pieces = F.megatron_shards(cfg, weights, 1, 4)  # 4 model pieces of one layer, in model order
     models = {(0, p): {"model0": F.legacy_model_state(pieces[(0, p)]),
                        "model1": F.legacy_model_state(pieces[(0, p + 2)])} for p in range(2)}
-
     for (t, p), chunks in models.items():
         directory = tmp_path / "src" / "iter_0000020" / F.rank_dir(t, p, 2)
         directory.mkdir(parents=True)
@@ -211,7 +209,6 @@ def test_round_trip_to_megatron_format_is_bit_exact(tmp_path, name, scheme):
     """Megatron TP=2 x PP=2 -> mindtron TP=1 -> Megatron TP=2 x PP=2 (legacy model, or Megatron-Core names with
     Transformer Engine's fused norms and the tied head's copy): the same tensors, the same files' structure, and
     arguments Megatron-LM's checks accept."""
-
     cfg, weights, src = F.build_checkpoint(tmp_path / "src", name, 2, 2, scheme)
     convert_checkpoint(src, tmp_path / "mid", 1, 1)
     report = convert_checkpoint(tmp_path / "mid", tmp_path / "back", 2, 2, target_format=f"megatron-{scheme}",

@@ -14,7 +14,7 @@ from mindtron.parallel_core import comm, cpu_kernels, parallel_state as ps
 from mindtron.parallel_core.teardown import armed_at_exit
 from mindtron.parallel_core import tensor_parallel as tp
 from mindtron.parallel_core.tensor_parallel.initialization import full_initial_value
-from numerics import rel_err  # tests/ is on the path: rank_entry.py runs from there
+from numerics import rel_err  # tests/ is on sys.path: msrun runs tests/rank_entry.py as the script
 
 
 def data(rank: int, shape, dtype=np.float32, salt: int = 0) -> np.ndarray:
