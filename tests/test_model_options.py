@@ -86,6 +86,7 @@ def test_each_option_changes_the_reference_output(name, off):
     tokens, _ = batch(cfg)
     with_option = reference_logits(cfg, params, tokens)
     without = reference_logits(dataclasses.replace(cfg, **off), params, tokens)
+    assert without.shape == with_option.shape  # rel_err is inf on a mismatch, which would pass the next line
     assert rel_err(without, with_option) > 1e-4  # ten times the comparison tolerance
 
 
